@@ -1,0 +1,137 @@
+"""The command line: click only. Domain errors are caught once, in NsfwGroup, and become a one-line message.
+
+Modules that pull in pyroute2 or libnftables are imported inside the commands that need them, so `nsfw check`
+stays light and needs no root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from . import profile as profiles
+from .errors import NsfwError, PrivilegeError
+
+RUN_FAILED = 125  # nsfw failed before COMMAND started
+
+
+class NsfwGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        run = bool(ctx.protected_args) and ctx.protected_args[0] == "run"
+        try:
+            return super().invoke(ctx)
+        except NsfwError as e:
+            click.echo(f"nsfw: {e}", err=True)
+            code = e.exit_code if e.exit_code is not None else (RUN_FAILED if run else 1)
+            ctx.exit(code)
+        except click.ClickException as e:
+            if run:  # a usage mistake is also a failure before COMMAND started
+                e.exit_code = RUN_FAILED
+            raise
+
+
+@click.group(cls=NsfwGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="nsfw")
+def cli() -> None:
+    """nsfw: a per-application network firewall.
+
+    Each application runs in its own network namespace, where the kernel enforces the rules of its profile.
+    """
+
+
+def _dirs(home: str | None = None) -> list[Path]:
+    return profiles.search_path(os.environ, home or os.path.expanduser("~"))
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("-p", "--profile", "ref", metavar="NAME|PATH", help="Profile to apply (default: named after COMMAND).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run(ref: str | None, command: tuple[str, ...]) -> None:
+    """Run COMMAND as you, inside a sandbox built from a profile.
+
+    Exit status: COMMAND's own; 128+N when it died of signal N; 125 when nsfw failed before COMMAND started;
+    126 when COMMAND is not executable; 127 when it is not found.
+    """
+    from . import launch
+
+    if command[:1] == ("--",):
+        command = command[1:]
+    if os.geteuid() != 0:
+        raise PrivilegeError("nsfw run needs root to build the sandbox: run `sudo nsfw run ...` "
+                             "(the command itself still runs as you)")
+    user = launch.invoking_user(os.environ, os.getuid())
+    dirs = profiles.search_path(os.environ, user.home)
+
+    def read(path: Path) -> bytes:
+        return launch.read_as_user(path, user)
+
+    if ref is None:
+        if not command:
+            raise click.UsageError("give a COMMAND, or --profile NAME for a profile that has a command:")
+        base = os.path.basename(command[0])
+        ref = base if profiles.find(base, dirs) and not profiles.is_path(base) else "default"
+        if ref == "default":
+            click.echo(f"nsfw: no profile named '{base}'; using the shipped profile 'default' "
+                       "(internet yes, home network no)", err=True)
+    prof = profiles.load(ref, dirs, read)
+    argv = list(command) or list(prof.command)
+    if not argv:
+        raise click.UsageError(f"profile '{prof.name}' has no command: give one after --")
+
+    from . import sandbox  # pyroute2 and libnftables: only a real run pays for them
+
+    sys.exit(sandbox.run(prof, argv, user, os.environ))
+
+
+@cli.command()
+@click.argument("refs", nargs=-1, required=True, metavar="PROFILE...")
+def check(refs: tuple[str, ...]) -> None:
+    """Validate profiles: exit 0 when all are valid, else 1 with one line per problem."""
+    dirs = _dirs()
+    bad = False
+    for ref in refs:
+        problems = profiles.check([ref], dirs)
+        for problem in problems:
+            click.echo(str(problem), err=True)
+        if problems:
+            bad = True
+        else:
+            click.echo(f"{ref}: ok")
+    sys.exit(1 if bad else 0)
+
+
+@cli.command()
+@click.argument("ref", metavar="PROFILE")
+@click.option("--json", "as_json", is_flag=True, help="Print libnftables JSON instead of nft syntax.")
+def rules(ref: str, as_json: bool) -> None:
+    """Print the ruleset that `nsfw run` loads inside the sandbox for PROFILE.
+
+    The host and lan sets also receive the host's own addresses and connected networks at launch.
+    """
+    from . import compile as rulesets
+
+    cmds = rulesets.sandbox_ruleset(profiles.load(ref, _dirs()))
+    if as_json:
+        click.echo(json.dumps(rulesets.wrap(cmds), indent=1, sort_keys=True))
+        return
+    from . import nft
+
+    click.echo(nft.render(cmds), nl=False)
+
+
+@cli.command()
+def demo() -> None:
+    """Show nsfw at work in a simulated world of network namespaces (needs root; touches no real network)."""
+    from . import demo as demo_mod
+
+    sys.exit(demo_mod.main())
+
+
+def main() -> None:
+    cli(prog_name="nsfw")

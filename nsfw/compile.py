@@ -1,0 +1,304 @@
+"""Profile -> nftables rulesets as libnftables JSON commands. Pure: no kernel, deterministic output.
+
+The sandbox's table classifies each new outbound connection's destination into a zone with a few set lookups,
+then decides in that zone's chain. Profile rules become set elements, not rules, so a profile of ten thousand
+CIDRs costs the data path a lookup, not ten thousand comparisons:
+
+    output: loopback, established -> accept; cidr deny set -> reject;
+            daddr in @host -> to_host | @lan -> to_lan | @other -> to_other | else to_internet
+    to_ZONE: zone deny rules -> reject; cidr allow set -> accept (not to_host); zone allow rules -> accept; default
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .intervals import Box, Cell, Span, disjoint, disjoint_cells, merge_addresses, span_to_prefixes
+from .names import PREFIX, HostEnv, Instance
+from .profile import Profile, Rule
+
+Cmd = dict[str, Any]
+TABLE = "nsfw"  # inside a sandbox's own namespace the name need not be unique
+FAMILY = "inet"
+
+LAN4 = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10")
+LAN6 = ("fc00::/7", "fe80::/10")
+# Neither internet nor lan: this-network, loopback, multicast, reserved and broadcast.
+OTHER4 = ("0.0.0.0/8", "127.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4")
+OTHER6 = ("::/127", "::ffff:0:0/96", "ff00::/8")
+ZONE_CHAINS = ("to_host", "to_lan", "to_other", "to_internet")
+ZONE_APPLIES = {"host": ("to_host",), "lan": ("to_lan",), "internet": ("to_internet",),
+                "any": ("to_lan", "to_internet")}
+
+PROTO_NUM = {"tcp": 6, "udp": 17}
+ICMP = {4: 1, 6: 58}
+PROTO_NAME = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp"}
+ALL: Span = (0, 255)
+ALL_PORTS: Span = (0, 65535)
+ND_TYPES = ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert"]
+
+
+# ---------------------------------------------------------------------------------------------- expressions
+
+
+def _payload(protocol: str, field: str) -> dict[str, Any]:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _meta(key: str) -> dict[str, Any]:
+    return {"meta": {"key": key}}
+
+
+def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _daddr(version: int) -> dict[str, Any]:
+    return _payload("ip" if version == 4 else "ip6", "daddr")
+
+
+def _saddr(version: int) -> dict[str, Any]:
+    return _payload("ip" if version == 4 else "ip6", "saddr")
+
+
+PROTO_PORT = {"concat": [_meta("l4proto"), _payload("th", "dport")]}
+ESTABLISHED = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
+ND = _match(_payload("icmpv6", "type"), {"set": ND_TYPES})
+
+
+def _verdict(v: str, target: str | None = None) -> dict[str, Any]:
+    if v == "reject":  # an app learns at once that it is blocked, instead of waiting out a dropped SYN
+        return {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}
+    return {v: {"target": target}} if target else {v: None}
+
+
+def _addr(value: int, version: int) -> str:
+    return str(ipaddress.ip_address(value) if version == 4 else ipaddress.IPv6Address(value))
+
+
+def _addr_elem(span: Span, version: int) -> Any:
+    bits = 32 if version == 4 else 128
+    prefixes = span_to_prefixes(span[0], span[1], bits)
+    if len(prefixes) == 1:
+        addr, length = prefixes[0]
+        return _addr(addr, version) if length == bits else {"prefix": {"addr": _addr(addr, version), "len": length}}
+    return {"range": [_addr(span[0], version), _addr(span[1], version)]}
+
+
+def _proto_elem(span: Span) -> Any:
+    if span[0] == span[1]:
+        return PROTO_NAME.get(span[0], span[0])
+    return {"range": list(span)}
+
+
+def _port_elem(span: Span) -> Any:
+    return span[0] if span[0] == span[1] else {"range": list(span)}
+
+
+# ---------------------------------------------------------------------------------------------- rules -> cells
+
+
+def rule_cells(rule: Rule, version: int) -> list[Cell]:
+    """The (protocol, port) boxes a rule covers for one IP version."""
+    ports = rule.ports or (ALL_PORTS,)
+    if rule.proto == "icmp":
+        return [((ICMP[version], ICMP[version]), ALL_PORTS)]
+    if rule.proto == "any" and not rule.ports:
+        return [(ALL, ALL_PORTS)]
+    protos = ("tcp", "udp") if rule.proto == "any" else (rule.proto,)
+    return [((PROTO_NUM[p], PROTO_NUM[p]), port) for p in protos for port in ports]
+
+
+def _span(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Span:
+    return int(net.network_address), int(net.broadcast_address)
+
+
+def cidr_boxes(rules: Iterable[Rule], version: int) -> list[Box]:
+    out: list[Box] = []
+    for rule in rules:
+        if rule.kind == "cidr" and rule.network.version == version:
+            out += [(_span(rule.network), cell) for cell in rule_cells(rule, version)]
+    return out
+
+
+def _zone_cells(rules: Iterable[Rule], chain: str) -> dict[int, list[Cell]]:
+    cells: dict[int, list[Cell]] = {4: [], 6: []}
+    for rule in rules:
+        if rule.kind == "zone" and chain in ZONE_APPLIES[rule.value]:
+            for v in (4, 6):
+                cells[v] += rule_cells(rule, v)
+    return cells
+
+
+# ---------------------------------------------------------------------------------------------- sets and chains
+
+
+def _concat_set(name: str, version: int, boxes: Sequence[Box]) -> Cmd:
+    elems = [{"concat": [_addr_elem(span, version), _proto_elem(proto), _port_elem(port)]}
+             for span, (proto, port) in disjoint(boxes)]
+    spec: dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": name,
+                            "type": ["ipv4_addr" if version == 4 else "ipv6_addr", "inet_proto", "inet_service"],
+                            "flags": ["interval"]}
+    if elems:
+        spec["elem"] = elems
+    return {"add": {"set": spec}}
+
+
+def _addr_set(name: str, version: int, nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> Cmd:
+    spans = merge_addresses(_span(n) for n in nets if n.version == version)
+    spec: dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": name,
+                            "type": "ipv4_addr" if version == 4 else "ipv6_addr", "flags": ["interval"]}
+    if spans:
+        spec["elem"] = [_addr_elem(s, version) for s in spans]
+    return {"add": {"set": spec}}
+
+
+def _rule(chain: str, *expr: dict[str, Any], table: str = TABLE) -> Cmd:
+    return {"add": {"rule": {"family": FAMILY, "table": table, "chain": chain, "expr": list(expr)}}}
+
+
+def _cells_rule(chain: str, cells_by_version: dict[int, list[Cell]], verdict: str) -> list[Cmd]:
+    """One rule per IP version (ICMP differs between them), or a bare verdict when every cell is covered."""
+    out: list[Cmd] = []
+    merged = {v: disjoint_cells(frozenset(c)) for v, c in cells_by_version.items() if c}
+    if merged.get(4) == ((ALL, ALL_PORTS),) and merged.get(6) == ((ALL, ALL_PORTS),):
+        return [_rule(chain, _verdict(verdict))]
+    for v, cells in sorted(merged.items()):
+        family = _match(_meta("nfproto"), "ipv4" if v == 4 else "ipv6")
+        elems = [{"concat": [_proto_elem(p), _port_elem(q)]} for p, q in cells]
+        out.append(_rule(chain, family, _match(PROTO_PORT, {"set": elems}), _verdict(verdict)))
+    return out
+
+
+def _networks(texts: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(t) for t in texts]
+
+
+def _zone_chain(chain: str, profile: Profile) -> list[Cmd]:
+    rules = _cells_rule(chain, _zone_cells(profile.deny, chain), "reject")
+    if chain != "to_host":  # the host opens only to rules that name it
+        for v in (4, 6):
+            if cidr_boxes(profile.allow, v):
+                rules.append(_rule(chain, _match({"concat": [_daddr(v), *PROTO_PORT["concat"]]}, f"@allow{v}"),
+                                   _verdict("accept")))
+    rules += _cells_rule(chain, _zone_cells(profile.allow, chain), "accept")
+    final = "accept" if profile.default == "allow" and chain != "to_host" else "reject"
+    rules.append(_rule(chain, {"counter": None}, _verdict(final)))
+    for i, rule in enumerate(rules):  # nothing after a verdict that every packet takes
+        if len(rule["add"]["rule"]["expr"]) == 1:
+            return rules[: i + 1]
+    return rules
+
+
+def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequence[str] = ()) -> list[Cmd]:
+    """The table loaded inside the sandbox's namespace. `env` fills the host and lan sets at launch; without it
+    (`nsfw rules`) they hold only what every machine shares, so the output is the same everywhere."""
+    env = env or HostEnv()
+    host_nets = [ipaddress.ip_network(a) for a in (*env.addresses, *map(ipaddress.ip_address, gateways))]
+    lan_nets = _networks(LAN4 + LAN6) + list(env.connected)
+    cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}]
+    for v in (4, 6):
+        cmds.append(_addr_set(f"host{v}", v, host_nets))
+        cmds.append(_addr_set(f"lan{v}", v, lan_nets))
+        cmds.append(_addr_set(f"other{v}", v, _networks(OTHER4 if v == 4 else OTHER6)))
+        cmds.append(_concat_set(f"deny{v}", v, cidr_boxes(profile.deny, v)))
+        cmds.append(_concat_set(f"allow{v}", v, cidr_boxes(profile.allow, v)))
+    for name, hook in (("output", "output"), ("input", "input")):
+        cmds.append({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": name, "type": "filter",
+                                       "hook": hook, "prio": 0, "policy": "drop"}}})
+    for chain in ZONE_CHAINS:
+        cmds.append({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": chain}}})
+
+    cmds += [
+        _rule("output", _match(_meta("oif"), "lo"), _verdict("accept")),
+        _rule("output", ESTABLISHED, _verdict("accept")),
+        _rule("output", _match({"ct": {"key": "state"}}, "invalid", "in"), _verdict("drop")),
+        _rule("output", ND, _verdict("accept")),
+    ]
+    for v in (4, 6):
+        if cidr_boxes(profile.deny, v):
+            cmds.append(_rule("output", _match({"concat": [_daddr(v), *PROTO_PORT["concat"]]}, f"@deny{v}"),
+                              _verdict("reject")))
+    for zone in ("host", "lan", "other"):
+        for v in (4, 6):
+            cmds.append(_rule("output", _match(_daddr(v), f"@{zone}{v}"), _verdict("goto", f"to_{zone}")))
+    cmds.append(_rule("output", _verdict("goto", "to_internet")))
+
+    for chain in ZONE_CHAINS:
+        cmds += _zone_chain(chain, profile)
+
+    cmds += [
+        _rule("input", _match(_meta("iif"), "lo"), _verdict("accept")),
+        _rule("input", ESTABLISHED, _verdict("accept")),
+        _rule("input", ND, _verdict("accept")),
+        _rule("input", {"counter": None}, _verdict("drop")),
+    ]
+    return cmds
+
+
+# ---------------------------------------------------------------------------------------------- host side
+
+
+def host_ruleset(inst: Instance, profile: Profile) -> list[Cmd]:
+    """The host's table for one `nat` sandbox: NAT out, nothing in, no sandbox-to-sandbox, host closed."""
+    t, veth = inst.table, inst.veth
+    iif, oif = _meta("iifname"), _meta("oifname")
+    cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": t}}}]
+    for name, kind, hook, prio in (("postrouting", "nat", "postrouting", 100), ("forward", "filter", "forward", 0),
+                                   ("input", "filter", "input", 0)):
+        cmds.append({"add": {"chain": {"family": FAMILY, "table": t, "name": name, "type": kind, "hook": hook,
+                                       "prio": prio, "policy": "accept"}}})
+    own = {4: inst.address4, 6: inst.address6}
+    for v, addr in own.items():
+        if addr is None:
+            continue
+        cmds.append(_rule("postrouting", _match(_saddr(v), str(addr.ip)), _match(oif, veth, "!="),
+                          {"masquerade": None}, table=t))
+    cmds.append(_rule("forward", _match(iif, veth), _match(oif, f"{PREFIX}*"), _verdict("drop"), table=t))
+    for v, addr in own.items():
+        nfproto = _match(_meta("nfproto"), "ipv4" if v == 4 else "ipv6")
+        if addr is None:
+            cmds.append(_rule("forward", _match(iif, veth), nfproto, _verdict("drop"), table=t))
+        else:  # a sandbox cannot send as anybody else
+            cmds.append(_rule("forward", _match(iif, veth), _match(_saddr(v), str(addr.ip), "!="),
+                              _verdict("drop"), table=t))
+    cmds += [
+        _rule("forward", _match(oif, veth), ESTABLISHED, _verdict("accept"), table=t),
+        _rule("forward", _match(oif, veth), _verdict("drop"), table=t),
+        _rule("input", _match(iif, veth), ESTABLISHED, _verdict("accept"), table=t),
+        _rule("input", _match(iif, veth), ND, _verdict("accept"), table=t),
+    ]
+    # The sandbox's own table already enforces host rules; repeating their ports here keeps the host closed
+    # even if that table were somehow gone.
+    for rule in _cells_rule("input", _zone_cells(profile.allow, "to_host"), "accept"):
+        rule["add"]["rule"]["table"] = t
+        rule["add"]["rule"]["expr"].insert(0, _match(iif, veth))
+        cmds.append(rule)
+    cmds.append(_rule("input", _match(iif, veth), _verdict("drop"), table=t))
+    return cmds
+
+
+GUARD_TABLE = f"{PREFIX}-guard"
+
+
+def guard_ruleset(families: Sequence[str] = ("ipv4", "ipv6")) -> list[Cmd]:
+    """Loaded when nsfw itself had to turn forwarding on for `families`: the host then forwards only for
+    nsfw's links, as before, instead of becoming a router between its other interfaces."""
+    iif, oif = _meta("iifname"), _meta("oifname")
+    cmds: list[Cmd] = [
+        {"add": {"table": {"family": FAMILY, "name": GUARD_TABLE}}},
+        {"delete": {"table": {"family": FAMILY, "name": GUARD_TABLE}}},
+        {"add": {"table": {"family": FAMILY, "name": GUARD_TABLE}}},
+        {"add": {"chain": {"family": FAMILY, "table": GUARD_TABLE, "name": "forward", "type": "filter",
+                           "hook": "forward", "prio": 0, "policy": "accept"}}},
+    ]
+    for family in families:
+        cmds.append(_rule("forward", _match(_meta("nfproto"), family), _match(iif, f"{PREFIX}*", "!="),
+                          _match(oif, f"{PREFIX}*", "!="), _verdict("drop"), table=GUARD_TABLE))
+    return cmds
+
+
+def wrap(cmds: list[Cmd]) -> dict[str, Any]:
+    return {"nftables": cmds}

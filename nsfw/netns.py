@@ -1,0 +1,208 @@
+"""pyroute2 at the edge: one small function per kernel object, and teardown that treats 'already gone' as done."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .errors import SetupError
+from .linux import CLONE_NEWNET, setns
+from .names import SANDBOX_IF, HostEnv, IPNetwork
+
+NETNS_DIR = "/run/netns"
+RTN_UNICAST = 1
+IFA_F_NODAD = 0x02
+GONE = {errno.ENOENT, errno.ENODEV, errno.ESRCH, errno.EINVAL}
+
+
+def path(name: str) -> str:
+    return os.path.join(NETNS_DIR, name)
+
+
+@contextmanager
+def entered(name: str) -> Iterator[None]:
+    """Run the body inside namespace `name`: sockets created there stay bound to it after we return."""
+    home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    target = os.open(path(name), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        setns(target, CLONE_NEWNET)
+        try:
+            yield
+        finally:
+            setns(home, CLONE_NEWNET)
+    finally:
+        os.close(target)
+        os.close(home)
+
+
+def create(name: str) -> None:
+    try:
+        netns.create(name)
+    except OSError as e:
+        raise SetupError(f"cannot create network namespace {name}: {e.strerror or e} (run `nsfw doctor`)") from e
+
+
+def remove(name: str) -> bool:
+    """Remove a named namespace; absent counts as done. Never raises. True when it existed."""
+    if not os.path.exists(path(name)):
+        return False
+    try:
+        netns.remove(name)
+    except OSError:
+        try:  # a half-made entry: the bind mount is gone but the file is not
+            os.unlink(path(name))
+        except OSError:
+            return False
+    return True
+
+
+def names(prefix: str) -> list[str]:
+    try:
+        return sorted(n for n in os.listdir(NETNS_DIR) if n.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def _index(ipr: Any, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise SetupError(f"interface {ifname} vanished during setup")
+    return int(found[0])
+
+
+def _write_sysctl(key: str, value: str) -> str | None:
+    """Write a sysctl of the current namespace; return its old value (None when it does not exist)."""
+    file = "/proc/sys/" + key.replace(".", "/")
+    try:
+        with open(file) as f:
+            old = f.read().strip()
+        if old != value:
+            with open(file, "w") as f:
+                f.write(value)
+        return old
+    except FileNotFoundError:
+        return None
+
+
+def read_sysctl(key: str) -> str | None:
+    try:
+        with open("/proc/sys/" + key.replace(".", "/")) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def write_sysctl(key: str, value: str) -> str | None:
+    try:
+        return _write_sysctl(key, value)
+    except OSError as e:
+        raise SetupError(f"cannot set {key}={value}: {e.strerror}") from e
+
+
+def _addr_kwargs(iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> dict[str, Any]:
+    kw: dict[str, Any] = {"address": str(iface.ip), "prefixlen": iface.network.prefixlen}
+    if iface.version == 6:
+        kw["flags"] = IFA_F_NODAD  # no duplicate detection: nobody else is on this link
+    return kw
+
+
+def add_veth(host_if: str, ns: str) -> None:
+    """A veth pair whose peer is born inside `ns` as eth0, so it never appears in the host namespace."""
+    fd = os.open(path(ns), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": SANDBOX_IF, "net_ns_fd": fd})
+    except NetlinkError as e:
+        raise SetupError(f"cannot create veth pair {host_if}: {e} (is the veth module available? `nsfw doctor`)") \
+            from e
+    finally:
+        os.close(fd)
+
+
+def delete_link(ifname: str) -> bool:
+    """Delete a link by name (its veth peer goes with it). Absent counts as done; never raises."""
+    try:
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=ifname)
+            if not found:
+                return False
+            ipr.link("del", index=found[0])
+            return True
+    except (NetlinkError, OSError):
+        return False
+
+
+def configure_host_side(ifname: str, gw4: ipaddress.IPv4Interface, gw6: ipaddress.IPv6Interface | None) -> None:
+    try:
+        # no automatic link-local address: the host's addresses on this link are exactly the ones nsfw knows
+        _write_sysctl(f"net.ipv6.conf.{ifname}.addr_gen_mode", "1")
+        _write_sysctl(f"net.ipv6.conf.{ifname}.disable_ipv6", "0" if gw6 else "1")
+        with IPRoute() as ipr:
+            idx = _index(ipr, ifname)
+            ipr.addr("add", index=idx, **_addr_kwargs(gw4))
+            if gw6:
+                ipr.addr("add", index=idx, **_addr_kwargs(gw6))
+            ipr.link("set", index=idx, state="up")
+    except (NetlinkError, OSError) as e:
+        raise SetupError(f"cannot configure {ifname}: {e}") from e
+
+
+def configure_sandbox_side(ns: str, addr4: ipaddress.IPv4Interface | None, gw4: ipaddress.IPv4Interface | None,
+                           addr6: ipaddress.IPv6Interface | None, gw6: ipaddress.IPv6Interface | None) -> None:
+    """Inside the sandbox: loopback up and, for `nat`, eth0 with its addresses and default routes."""
+    try:
+        with entered(ns), IPRoute() as ipr:
+            ipr.link("set", index=_index(ipr, "lo"), state="up")
+            if addr4 is None or gw4 is None:
+                return
+            _write_sysctl(f"net.ipv6.conf.{SANDBOX_IF}.addr_gen_mode", "1")
+            _write_sysctl(f"net.ipv6.conf.{SANDBOX_IF}.disable_ipv6", "0" if addr6 else "1")
+            idx = _index(ipr, SANDBOX_IF)
+            ipr.addr("add", index=idx, **_addr_kwargs(addr4))
+            if addr6:
+                ipr.addr("add", index=idx, **_addr_kwargs(addr6))
+            ipr.link("set", index=idx, state="up")
+            ipr.route("add", dst="0.0.0.0/0", gateway=str(gw4.ip), oif=idx)
+            if addr6 and gw6:
+                ipr.route("add", dst="::/0", gateway=str(gw6.ip), oif=idx, family=10)
+    except (NetlinkError, OSError) as e:
+        raise SetupError(f"cannot configure the sandbox's network in {ns}: {e}") from e
+
+
+def host_env(exclude_prefix: str = "") -> HostEnv:
+    """Addresses, connected networks and routes of the current (host) namespace, from the kernel."""
+    with IPRoute() as ipr:
+        skip = {link["index"] for link in ipr.get_links()
+                if exclude_prefix and (link.get_attr("IFLA_IFNAME") or "").startswith(exclude_prefix)}
+        addresses = []
+        for a in ipr.get_addr():
+            value = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
+            if value:
+                addresses.append(ipaddress.ip_address(value.split("%")[0]))
+        connected: list[IPNetwork] = []
+        routes: list[IPNetwork] = []
+        default6 = False
+        for family in (2, 10):
+            for r in ipr.get_routes(family=family, table=254):
+                dst = r.get_attr("RTA_DST")
+                length = r["dst_len"]
+                if not dst:
+                    if family == 10 and length == 0:
+                        default6 = True
+                    continue
+                net = ipaddress.ip_network(f"{dst}/{length}", strict=False)
+                routes.append(net)
+                # on-link: no gateway (IPv6 routes never say scope link)
+                on_link = r.get_attr("RTA_GATEWAY") is None and r["type"] == RTN_UNICAST
+                if on_link and r.get_attr("RTA_OIF") not in skip and not net.is_link_local:
+                    connected.append(net)
+    return HostEnv(tuple(sorted(set(addresses), key=lambda a: (a.version, int(a)))),
+                   tuple(sorted(set(connected), key=lambda n: (n.version, int(n.network_address), n.prefixlen))),
+                   tuple(routes), default6)

@@ -1,0 +1,475 @@
+"""Profile format v1: find, load (with includes), validate. Pure: no kernel, no root.
+
+Every problem is collected rather than stopping at the first, so `nsfw check` can list them all, each naming
+the file, the key (with its line) and what would fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ProfileError, ProfileErrors
+
+Zone = Literal["internet", "lan", "host", "any"]
+Proto = Literal["tcp", "udp", "icmp", "any"]
+ZONES: tuple[str, ...] = ("internet", "lan", "host", "any")
+PROTOS: tuple[str, ...] = ("tcp", "udp", "icmp", "any")
+TOP_KEYS = ("version", "description", "include", "command", "network", "default", "allow", "deny", "ipv6", "log")
+RULE_KEYS = ("zone", "cidr", "host", "ports", "proto")
+MAX_INCLUDE_DEPTH = 8
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "profiles"
+SYSTEM_DIR = Path("/etc/nsfw/profiles")
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_PORT_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One allow or deny entry. `value` is a zone name, a normalized network, or a lower-case domain name."""
+
+    kind: Literal["zone", "cidr", "host"]
+    value: str
+    proto: Proto = "any"
+    ports: tuple[tuple[int, int], ...] = ()  # inclusive ranges; empty = every port
+    origin: str = ""  # "file: allow[2]" so later messages can point back at the source
+
+    @property
+    def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        return ipaddress.ip_network(self.value)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    path: str
+    description: str = ""
+    command: tuple[str, ...] = ()
+    network: Literal["none", "nat"] = "nat"
+    default: Literal["allow", "deny"] = "deny"
+    allow: tuple[Rule, ...] = ()
+    deny: tuple[Rule, ...] = ()
+    ipv6: bool = True
+    log: Literal["off", "denied", "all"] = "denied"
+    sha256: str = ""
+    files: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def host_rules(self) -> tuple[Rule, ...]:
+        return tuple(r for r in self.allow + self.deny if r.kind == "host")
+
+
+Reader = Callable[[Path], bytes]
+
+
+def _read_plain(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------- lookup
+
+
+def search_path(environ: Mapping[str, str], home: str) -> list[Path]:
+    """$NSFW_PROFILE_PATH when set, else the user's config dir; then /etc, then the shipped profiles."""
+    if environ.get("NSFW_PROFILE_PATH"):
+        first = [Path(p) for p in environ["NSFW_PROFILE_PATH"].split(":") if p]
+    else:
+        config = environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+        first = [Path(config) / "nsfw" / "profiles"]
+    return [*first, SYSTEM_DIR, SHIPPED_DIR]
+
+
+def is_path(ref: str) -> bool:
+    return "/" in ref or ref.endswith((".yaml", ".yml"))
+
+
+def find(ref: str, dirs: Sequence[Path], *, skip: Path | None = None) -> Path | None:
+    """The first NAME.yaml / NAME.yml along `dirs`; `skip` lets a profile include a namesake further down."""
+    if is_path(ref):
+        return Path(ref)
+    for d in dirs:
+        for ext in (".yaml", ".yml"):
+            candidate = d / f"{ref}{ext}"
+            if candidate.is_file() and (skip is None or candidate.resolve() != skip.resolve()):
+                return candidate
+    return None
+
+
+def available(dirs: Sequence[Path]) -> list[str]:
+    names: set[str] = set()
+    for d in dirs:
+        if d.is_dir():
+            names.update(p.stem for p in d.iterdir() if p.suffix in (".yaml", ".yml"))
+    return sorted(names)
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+class _Collector:
+    """Accumulates problems for one file, with line numbers looked up from the YAML node tree."""
+
+    def __init__(self, file: str, lines: dict[tuple[Any, ...], int]) -> None:
+        self.file, self.lines, self.errors = file, lines, []  # type: list[ProfileError]
+
+    def add(self, path: tuple[Any, ...], problem: str, fix: str = "") -> None:
+        key = _format_key(path)
+        line = self.lines.get(path)
+        if line is None and path:
+            line = self.lines.get(path[:1])
+        if line is not None:
+            key = f"{key} (line {line})" if key else f"line {line}"
+        self.errors.append(ProfileError(self.file, key, problem, fix))
+
+
+def _format_key(path: tuple[Any, ...]) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _node_lines(node: yaml.Node | None, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
+    lines: dict[tuple[Any, ...], int] = {}
+    if node is None:
+        return lines
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode):
+                sub = (*path, k.value)
+                lines.update(_node_lines(v, sub))
+                lines[sub] = k.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            lines.update(_node_lines(v, (*path, i)))
+    return lines
+
+
+def _suggest(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f"did you mean '{close[0]}'?" if close else f"use one of: {', '.join(choices)}"
+
+
+def parse_ports(value: Any, c: _Collector, path: tuple[Any, ...]) -> tuple[tuple[int, int], ...]:
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        c.add(path, "must be a list of ports", 'write e.g. ports: [443, "8000-8100"]')
+        return ()
+    out: list[tuple[int, int]] = []
+    for i, item in enumerate(value):
+        low = high = None
+        if isinstance(item, int) and not isinstance(item, bool):
+            low = high = item
+        elif isinstance(item, str):
+            m = _PORT_RANGE.match(item)
+            if m:
+                low, high = int(m[1]), int(m[2])
+            elif item.strip().isdigit():
+                low = high = int(item)
+        if low is None or high is None:
+            c.add((*path, i), f"'{item}' is not a port", 'write a number 1-65535 or a range in quotes, "8000-8100"')
+        elif not (1 <= low <= high <= 65535):
+            c.add((*path, i), f"'{item}' is out of range", "ports are 1-65535, and a range is LOW-HIGH with LOW <= HIGH")
+        else:
+            out.append((low, high))
+    return tuple(sorted(set(out)))
+
+
+def parse_domain(text: str) -> str | None:
+    """A lower-case domain name (optionally '*.'-prefixed), or None if `text` is not one."""
+    name = text.strip().lower().rstrip(".")
+    wild = name.startswith("*.")
+    labels = (name[2:] if wild else name).split(".")
+    if not name or len(name) > 253 or not all(_LABEL.match(lab) for lab in labels):
+        return None
+    if labels[-1].isdigit():  # 300.1.2.3 is a broken address, not a name
+        return None
+    return name
+
+
+def parse_network(text: str, c: _Collector, path: tuple[Any, ...]) -> str | None:
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=True))
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        c.add(path, f"'{text}' is not an IP address or network", "write e.g. 192.0.2.0/24 or 2001:db8::/32")
+        return None
+    c.add(path, f"'{text}' has host bits set", f"did you mean {loose}?")
+    return None
+
+
+def _looks_like_address(text: str) -> bool:
+    return ":" in text or "/" in text or text.replace(".", "").isdigit()
+
+
+def parse_rule(item: Any, c: _Collector, path: tuple[Any, ...]) -> Rule | None:
+    origin = f"{c.file}: {_format_key(path)}"
+    if isinstance(item, str):
+        text = item.strip()
+        if text.lower() in ZONES:
+            return Rule("zone", text.lower(), origin=origin)
+        if _looks_like_address(text):
+            net = parse_network(text, c, path)
+            return Rule("cidr", net, origin=origin) if net else None
+        domain = parse_domain(text)
+        if domain:
+            return Rule("host", domain, origin=origin)
+        c.add(path, f"'{item}' is neither a zone, an address nor a domain name",
+              f"use {', '.join(ZONES)}, a CIDR such as 192.0.2.0/24, or a name such as example.org")
+        return None
+    if not isinstance(item, dict):
+        c.add(path, "a rule must be a string or a mapping", "write e.g. '- internet' or '- {cidr: 192.0.2.0/24}'")
+        return None
+    ok = True
+    for key in item:
+        if key not in RULE_KEYS:
+            c.add((*path, key), f"unknown key '{key}'", _suggest(str(key), RULE_KEYS))
+            ok = False
+    targets = [k for k in ("zone", "cidr", "host") if k in item]
+    if len(targets) != 1:
+        c.add(path, "a rule needs exactly one of zone:, cidr:, host:",
+              f"found {', '.join(targets) or 'none'}; split it into one rule per destination")
+        return None
+    kind = targets[0]
+    raw = item[kind]
+    value: str | None = None
+    if not isinstance(raw, str):
+        c.add((*path, kind), f"'{raw}' must be a string", "quote it")
+    elif kind == "zone":
+        value = raw.strip().lower()
+        if value not in ZONES:
+            c.add((*path, kind), f"unknown zone '{raw}'", _suggest(value, ZONES))
+            value = None
+    elif kind == "cidr":
+        value = parse_network(raw, c, (*path, kind))
+    else:
+        value = parse_domain(raw)
+        if value is None:
+            c.add((*path, kind), f"'{raw}' is not a domain name", "write e.g. example.org or *.example.org")
+    proto: str = "any"
+    if "proto" in item:
+        p = item["proto"]
+        if not isinstance(p, str) or p.lower() not in PROTOS:
+            c.add((*path, "proto"), f"unknown protocol '{p}'", _suggest(str(p), PROTOS))
+            ok = False
+        else:
+            proto = p.lower()
+    ports: tuple[tuple[int, int], ...] = ()
+    if "ports" in item:
+        ports = parse_ports(item["ports"], c, (*path, "ports"))
+        if proto == "icmp":
+            c.add((*path, "ports"), "ICMP has no ports", "drop ports:, or use proto: tcp or udp")
+            ok = False
+    if value is None or not ok:
+        return None
+    return Rule(kind, value, proto, ports, origin)  # type: ignore[arg-type]
+
+
+@dataclass
+class _Raw:
+    """One file's validated keys, before includes are merged."""
+
+    path: Path
+    data: bytes
+    keys: dict[str, Any]
+    includes: list[tuple[str, tuple[Any, ...]]]
+
+
+def parse_file(path: Path, data: bytes) -> tuple[_Raw | None, list[ProfileError]]:
+    file = str(path)
+    try:
+        text = data.decode("utf-8")
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        doc = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        return None, [ProfileError(file, "", "is not UTF-8 text", "save it as UTF-8")]
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        return None, [ProfileError(file, where, f"is not valid YAML: {problem}",
+                                   "check the indentation and quoting near that line")]
+    c = _Collector(file, _node_lines(node))
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        c.add((), "must be a mapping of keys such as network:, allow:, deny:", "see man nsfw-profile")
+        return None, c.errors
+    keys: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key not in TOP_KEYS:
+            c.add((key,), f"unknown key '{key}'", _suggest(str(key), TOP_KEYS))
+            continue
+        parsed = _parse_top(str(key), value, c)
+        if parsed is not _INVALID:
+            keys[str(key)] = parsed
+    includes: list[tuple[str, tuple[Any, ...]]] = []
+    for i, name in enumerate(keys.pop("include", [])):
+        includes.append((name, ("include", i)))
+    return _Raw(path, data, keys, includes), c.errors
+
+
+_INVALID = object()
+_CHOICES: dict[str, tuple[str, ...]] = {"network": ("none", "nat"), "default": ("allow", "deny"),
+                                        "log": ("off", "denied", "all")}
+
+
+def _parse_top(key: str, value: Any, c: _Collector) -> Any:
+    path: tuple[Any, ...] = (key,)
+    if key == "version":
+        if value != 1:
+            c.add(path, f"unsupported version '{value}'", "this nsfw reads version 1; remove the key or set it to 1")
+            return _INVALID
+        return value
+    if key == "description":
+        if not isinstance(value, str):
+            c.add(path, "must be text", "quote it")
+            return _INVALID
+        return value
+    if key == "include":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(x, str) and x.strip() for x in items):
+            c.add(path, "must be a list of profile names", "write e.g. include: [browser-base]")
+            return _INVALID
+        return [x.strip() for x in items]
+    if key == "command":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items or not all(isinstance(x, (str, int)) for x in items):
+            c.add(path, "must be a list: the program and its arguments", "write e.g. command: [firefox, --new-window]")
+            return _INVALID
+        return tuple(str(x) for x in items)
+    if key in _CHOICES:
+        if key == "log" and value is False:  # YAML 1.1 reads a bare `off` as false
+            return "off"
+        if not isinstance(value, str) or value.lower() not in _CHOICES[key]:
+            c.add(path, f"'{value}' is not allowed here", _suggest(str(value), _CHOICES[key]))
+            return _INVALID
+        return value.lower()
+    if key == "ipv6":
+        if not isinstance(value, bool):
+            c.add(path, f"'{value}' is not true or false", "write ipv6: true or ipv6: false")
+            return _INVALID
+        return value
+    # allow / deny
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        c.add(path, "must be a list of rules", f"write each rule on its own line under {key}:, starting with '- '")
+        return _INVALID
+    rules = [parse_rule(item, c, (key, i)) for i, item in enumerate(value)]
+    return [r for r in rules if r is not None]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load(ref: str, dirs: Sequence[Path], read: Reader = _read_plain) -> Profile:
+    """Find, read (through `read`, which applies the invoking user's permissions), merge and validate a profile."""
+    path = find(ref, dirs)
+    if path is None:
+        names = available(dirs)
+        hint = f"available: {', '.join(names)}" if names else "none are installed"
+        raise ProfileErrors([ProfileError(ref, "", "no such profile in " + ":".join(map(str, dirs)),
+                                          f"give a path, or create {dirs[0]}/{ref}.yaml; {hint}")])
+    errors: list[ProfileError] = []
+    merged = _load_tree(path, dirs, read, [], errors)
+    if errors or merged is None:
+        raise ProfileErrors(errors)
+    keys, files, digest = merged
+    name = path.stem
+    return Profile(
+        name=name,
+        path=str(path),
+        description=keys.get("description", ""),
+        command=tuple(keys.get("command", ())),
+        network=keys.get("network", "nat"),
+        default=keys.get("default", "deny"),
+        allow=tuple(keys.get("allow", ())),
+        deny=tuple(keys.get("deny", ())),
+        ipv6=keys.get("ipv6", True),
+        log=keys.get("log", "denied"),
+        sha256=digest.hexdigest(),
+        files=tuple(files),
+    )
+
+
+def _load_tree(path: Path, dirs: Sequence[Path], read: Reader, stack: list[Path],
+               errors: list[ProfileError]) -> tuple[dict[str, Any], list[str], Any] | None:
+    try:
+        data = read(path)
+    except FileNotFoundError:
+        errors.append(ProfileError(str(path), "", "does not exist", "check the path or the profile's name"))
+        return None
+    except PermissionError:
+        errors.append(ProfileError(str(path), "", "cannot be read by you",
+                                   "make it readable to the user running the application (chmod or chown)"))
+        return None
+    except IsADirectoryError:
+        errors.append(ProfileError(str(path), "", "is a directory", "name a .yaml file"))
+        return None
+    raw, problems = parse_file(path, data)
+    errors.extend(problems)
+    if raw is None:
+        return None
+    digest = hashlib.sha256()
+    keys: dict[str, Any] = {}
+    files: list[str] = []
+    for name, key_path in raw.includes:
+        where = f"{_format_key(key_path)}"
+        if len(stack) + 1 >= MAX_INCLUDE_DEPTH:
+            errors.append(ProfileError(str(path), where, f"includes nest deeper than {MAX_INCLUDE_DEPTH}",
+                                       "flatten the chain of includes"))
+            continue
+        target = find(name, dirs, skip=path if name == path.stem and not is_path(name) else None)
+        if target is None:
+            errors.append(ProfileError(str(path), where, f"includes '{name}', which was not found",
+                                       f"create it or fix the name; looked in {':'.join(map(str, dirs))}"))
+            continue
+        chain = [*stack, path]
+        if any(target.resolve() == p.resolve() for p in chain):
+            cycle = " -> ".join(p.stem for p in chain) + f" -> {target.stem}"
+            errors.append(ProfileError(str(path), where, f"include cycle: {cycle}", "remove one of the includes"))
+            continue
+        sub = _load_tree(target, dirs, read, chain, errors)
+        if sub is None:
+            continue
+        sub_keys, sub_files, sub_digest = sub
+        keys = _merge(keys, sub_keys)
+        files += sub_files
+        digest.update(sub_digest.digest())
+    keys = _merge(keys, raw.keys)
+    digest.update(raw.data)
+    return keys, [*files, str(path)], digest
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = [*out.get(key, []), *value] if key in ("allow", "deny") else value
+    return out
+
+
+def check(refs: Sequence[str], dirs: Sequence[Path], read: Reader = _read_plain) -> list[ProfileError]:
+    """Every problem of every profile named, for `nsfw check`."""
+    problems: list[ProfileError] = []
+    for ref in refs:
+        try:
+            load(ref, dirs, read)
+        except ProfileErrors as e:
+            problems += e.errors
+    return problems
