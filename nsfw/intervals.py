@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from functools import cache
+from itertools import pairwise
 
 Span = tuple[int, int]  # inclusive
 Cell = tuple[Span, Span]  # (protocol span, port span)
@@ -32,7 +33,7 @@ def disjoint_cells(cells: frozenset[Cell]) -> tuple[Cell, ...]:
     """The union of (protocol x port) boxes as disjoint boxes, neighbouring protocols merged when alike."""
     cuts = sorted({p for (plo, phi), _ in cells for p in (plo, phi + 1)})
     rows: list[tuple[Span, tuple[Span, ...]]] = []
-    for lo, nxt in zip(cuts, cuts[1:]):
+    for lo, nxt in pairwise(cuts):
         hi = nxt - 1
         ports = _merge_spans(q for (plo, phi), q in cells if plo <= lo and hi <= phi)
         if not ports:
@@ -53,7 +54,7 @@ def disjoint(boxes: Iterable[Box]) -> list[Box]:
     active: dict[Cell, int] = {}
     segments: list[tuple[Span, frozenset[Cell]]] = []
     points = sorted(events)
-    for here, nxt in zip(points, points[1:]):
+    for here, nxt in pairwise(points):
         for delta, cell in events[here]:
             active[cell] = active.get(cell, 0) + delta
             if not active[cell]:

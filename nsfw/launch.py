@@ -205,7 +205,12 @@ def spawn(
     # read means COMMAND is running, and anything read is the child's report of why it is not.
     read_end, write_end = os.pipe()
     plan = _Plan(list(argv), user, dict(env), netns_fd, in_child, os.getpid(), write_end)
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        os.close(read_end)
+        os.close(write_end)
+        raise SetupError(f"could not start a process for COMMAND: {exc} (too many processes?)") from exc
     if pid == 0:
         os.close(read_end)
         _child(plan)
@@ -240,7 +245,7 @@ def _child(plan: _Plan) -> NoReturn:
         _exec(plan)
     except _ChildSetupError as failure:
         _report(plan.report_fd, EXIT_SETUP, str(failure))
-    except BaseException as exc:  # noqa: BLE001 - a bug here must become a report, not a second nsfw
+    except BaseException as exc:  # a bug here must become a report, never a second running nsfw
         _report(plan.report_fd, EXIT_SETUP, f"internal error while starting COMMAND: {_describe(exc)}")
     finally:
         os._exit(EXIT_SETUP)
@@ -390,11 +395,11 @@ def drop_privileges(user: User) -> None:
 
 def privilege_problems(user: User, status: Mapping[str, str]) -> list[str]:
     """What about this process's credentials differs from a fully dropped user (status: /proc/self/status)."""
-    ids = (user.uid,) * 3, (user.gid,) * 3
     problems = []
-    if os.getresuid() != ids[0] or _status_ids(status, "Uid") != ids[0] + (user.uid,):
+    # status also shows the filesystem uid and gid, which getresuid()/getresgid() do not.
+    if os.getresuid() != (user.uid,) * 3 or _status_ids(status, "Uid") != (user.uid,) * 4:
         problems.append(f"uids are {status.get('Uid', '?')}, not {user.uid}")
-    if os.getresgid() != ids[1] or _status_ids(status, "Gid") != ids[1] + (user.gid,):
+    if os.getresgid() != (user.gid,) * 3 or _status_ids(status, "Gid") != (user.gid,) * 4:
         problems.append(f"gids are {status.get('Gid', '?')}, not {user.gid}")
     if set(os.getgroups()) != set(user.groups):
         problems.append(f"groups are {sorted(os.getgroups())}, not {sorted(user.groups)}")

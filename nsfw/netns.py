@@ -13,7 +13,7 @@ from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .errors import SetupError
-from .linux import CLONE_NEWNET, setns
+from .caps import CLONE_NEWNET, setns
 from .names import SANDBOX_IF, HostEnv, IPNetwork
 
 NETNS_DIR = "/run/netns"
@@ -157,8 +157,13 @@ def configure_host_side(ifname: str, gw4: ipaddress.IPv4Interface, gw6: ipaddres
 def configure_sandbox_side(ns: str, addr4: ipaddress.IPv4Interface | None, gw4: ipaddress.IPv4Interface | None,
                            addr6: ipaddress.IPv6Interface | None, gw6: ipaddress.IPv6Interface | None) -> None:
     """Inside the sandbox: loopback up and, for `nat`, eth0 with its addresses and default routes."""
+    # A new namespace starts with unprivileged ICMP sockets off ("1 0"); keep what the host allows (systemd
+    # hosts allow everyone), or `ping` would break in the sandbox for reasons that have nothing to do with rules.
+    ping_range = read_sysctl("net.ipv4.ping_group_range")
     try:
         with entered(ns), IPRoute() as ipr:
+            if ping_range:
+                _write_sysctl("net.ipv4.ping_group_range", ping_range)
             ipr.link("set", index=_index(ipr, "lo"), state="up")
             if addr4 is None or gw4 is None:
                 return

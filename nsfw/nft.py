@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from .errors import SetupError
-from .linux import CLONE_NEWNET, CLONE_NEWUSER, unshare
+from .caps import CLONE_NEWNET, CLONE_NEWUSER, unshare
 
 
 def _ctx(json_out: bool = True) -> Any:
@@ -35,9 +35,9 @@ def delete_table(name: str, family: str = "inet") -> bool:
     """Remove a table by name. Absent already counts as done; never raises. True when something was removed."""
     try:
         rc, _out, _err = _ctx().json_cmd({"nftables": [{"delete": {"table": {"family": family, "name": name}}}]})
-    except Exception:  # noqa: BLE001 - teardown must go on whatever the binding does
+    except Exception:
         return False
-    return rc == 0
+    return bool(rc == 0)
 
 
 def tables(family: str = "inet") -> list[str]:
@@ -78,7 +78,7 @@ def render(cmds: list[dict[str, Any]]) -> str:
                 rc, text, err = nft.cmd("list ruleset")
             os.write(write, (text if rc == 0 else "\0" + err).encode())
             code = 0
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             os.write(write, f"\0{e}".encode())
         finally:
             os._exit(code)

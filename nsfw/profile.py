@@ -120,7 +120,8 @@ class _Collector:
     """Accumulates problems for one file, with line numbers looked up from the YAML node tree."""
 
     def __init__(self, file: str, lines: dict[tuple[Any, ...], int]) -> None:
-        self.file, self.lines, self.errors = file, lines, []  # type: list[ProfileError]
+        self.file, self.lines = file, lines
+        self.errors: list[ProfileError] = []
 
     def add(self, path: tuple[Any, ...], problem: str, fix: str = "") -> None:
         key = _format_key(path)
@@ -181,7 +182,8 @@ def parse_ports(value: Any, c: _Collector, path: tuple[Any, ...]) -> tuple[tuple
         if low is None or high is None:
             c.add((*path, i), f"'{item}' is not a port", 'write a number 1-65535 or a range in quotes, "8000-8100"')
         elif not (1 <= low <= high <= 65535):
-            c.add((*path, i), f"'{item}' is out of range", "ports are 1-65535, and a range is LOW-HIGH with LOW <= HIGH")
+            c.add((*path, i), f"'{item}' is out of range",
+                  "ports are 1-65535, and a range is LOW-HIGH with LOW <= HIGH")
         else:
             out.append((low, high))
     return tuple(sorted(set(out)))

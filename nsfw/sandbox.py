@@ -29,8 +29,14 @@ class Interrupted(NsfwError):
         self.exit_code = 128 + signum
 
 
+SETUP_STEPS = ("record", "netns", "veth", "host-rules", "forwarding", "sandbox-rules")
+
+
 def _fault(step: str) -> None:
-    """Test-only switch: die at a chosen step, to prove that clean-up by name restores the baseline."""
+    """Test-only switches: fail or die at a chosen step of the setup, to prove that a failure removes exactly
+    what was built (fail closed) and that a killed supervisor leaves only what clean-up by name removes."""
+    if os.environ.get("NSFW_TEST_FAIL_AT") == step:
+        raise SetupError(f"injected failure at step '{step}' (NSFW_TEST_FAIL_AT)")
     if os.environ.get("NSFW_TEST_KILL_AT") == step:
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -198,6 +204,7 @@ def _setup(stack: ExitStack, profile: Profile, argv: Sequence[str], user: launch
         nft.apply(rules.host_ruleset(inst, profile), "host-side ruleset")
         _fault("host-rules")
         _enable_forwarding(inst.ipv6)
+        _fault("forwarding")
         gateways = [str(a.ip) for a in (inst.gateway4, inst.gateway6) if a]
     netns.configure_sandbox_side(inst.netns, inst.address4 if nat else None, inst.gateway4 if nat else None,
                                  inst.address6, inst.gateway6)
@@ -206,6 +213,8 @@ def _setup(stack: ExitStack, profile: Profile, argv: Sequence[str], user: launch
     _fault("sandbox-rules")
 
     fd = os.open(netns.path(inst.netns), os.O_RDONLY | os.O_CLOEXEC)
+    # From here signals wait in the mask: wait_child relays whatever arrived while COMMAND was being started.
+    signal.pthread_sigmask(signal.SIG_BLOCK, launch.DEFAULT_FORWARD)
     try:
         return launch.spawn(argv, user=user, env=environ, netns_fd=fd)
     finally:

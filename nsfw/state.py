@@ -3,6 +3,7 @@ describe, under one lock that launches and clean-up share. Loading a record neve
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -72,10 +73,8 @@ def save(record: Record) -> None:
 
 
 def drop(record_id: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(_dir(SANDBOXES, f"{record_id}.json"))
-    except FileNotFoundError:
-        pass
 
 
 def records() -> list[Record]:
@@ -125,7 +124,5 @@ def save_forwarding(data: dict[str, Any]) -> None:
 
 
 def drop_forwarding() -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(_dir(FORWARDING))
-    except FileNotFoundError:
-        pass

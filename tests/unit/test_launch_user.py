@@ -17,6 +17,7 @@ from nsfw.launch import (
     exit_status,
     invoking_user,
     parse_status,
+    privilege_problems,
     should_relay,
 )
 
@@ -167,3 +168,21 @@ def test_exec_error_carries_its_exit_code(code: int) -> None:
     assert isinstance(error, NsfwError)
     assert error.exit_code == code
     assert str(error) == "x: command not found"
+
+
+def test_privilege_problems_names_what_is_left() -> None:
+    stranger = User(uid=3_999_998, gid=3_999_998, name="stranger", home="/", groups=(3_999_998,))
+    status = {
+        "Uid": "0\t0\t0\t0",
+        "Gid": "0\t0\t0\t0",
+        "CapInh": "0000000000000000",
+        "CapPrm": "0000000000000000",
+        "CapEff": "0000000000000000",
+        "CapBnd": "000001ffffffffff",
+        "CapAmb": "0000000000000000",
+        "NoNewPrivs": "0",
+    }
+    problems = " ".join(privilege_problems(stranger, status))
+    for expected in ("uids are", "gids are", "groups are", "CapBnd is 000001ffffffffff", "no_new_privs"):
+        assert expected in problems
+    assert "CapAmb" not in problems

@@ -1,0 +1,64 @@
+# Two commands set up a fresh Debian 12 machine: `make demo` and `make test` (as root). Each installs what is
+# missing first, so neither depends on what happened to be installed by hand.
+PYTHON      := /usr/bin/python3
+PREFIX      ?= /usr/local
+LIBDIR      := $(PREFIX)/lib/nsfw
+APT_RUNTIME := nftables python3-nftables python3-pyroute2 python3-click python3-yaml iproute2 util-linux procps
+APT_TEST    := python3-pytest python3-venv
+APT_BENCH   := firejail hyperfine
+DEV_VENV    := .venv-dev
+DEV_TOOLS   := ruff==0.8.6 mypy==1.13.0 types-PyYAML
+
+.PHONY: all deps test-deps demo test unit lint bench install uninstall clean
+
+all: test
+
+# Installs only when something is missing: `apt-get update` runs at most once, and not at all on a ready machine.
+define apt_ensure
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+endef
+
+deps:
+	$(call apt_ensure,$(APT_RUNTIME))
+
+test-deps: deps
+	$(call apt_ensure,$(APT_TEST))
+	@[ -x $(DEV_VENV)/bin/ruff ] && [ -x $(DEV_VENV)/bin/mypy ] || { \
+		$(PYTHON) -m venv --system-site-packages $(DEV_VENV) && \
+		$(DEV_VENV)/bin/pip install -q $(DEV_TOOLS); }
+
+demo: deps
+	./bin/nsfw demo
+
+lint: test-deps
+	$(DEV_VENV)/bin/ruff check nsfw tests bench
+	$(DEV_VENV)/bin/mypy nsfw
+
+# Every test: unit tests, then integration tests that build their own simulated world of namespaces (root).
+test: test-deps lint
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+unit: test-deps
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/unit
+
+bench: deps
+	$(call apt_ensure,$(APT_BENCH))
+	$(PYTHON) bench/launch.py
+
+install: deps
+	install -d $(LIBDIR)/nsfw $(LIBDIR)/bin $(LIBDIR)/profiles $(PREFIX)/bin /etc/nsfw/profiles
+	install -m 0644 nsfw/*.py $(LIBDIR)/nsfw/
+	install -m 0755 bin/nsfw $(LIBDIR)/bin/nsfw
+	install -m 0644 profiles/*.yaml $(LIBDIR)/profiles/
+	ln -sf $(LIBDIR)/bin/nsfw $(PREFIX)/bin/nsfw
+
+uninstall:
+	rm -rf $(LIBDIR) $(PREFIX)/bin/nsfw
+
+clean:
+	rm -rf $(DEV_VENV) .mypy_cache .ruff_cache .pytest_cache bench/results
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
