@@ -217,6 +217,8 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
         _rule("output", _match({"ct": {"key": "state"}}, "invalid", "in"), _verdict("drop")),
         _rule("output", ND, _verdict("accept")),
     ]
+    if not profile.ipv6:  # the sandbox has no IPv6 route either; this keeps it so whatever it tries
+        cmds.append(_rule("output", _match(_meta("nfproto"), "ipv6"), _verdict("reject")))
     for v in (4, 6):
         if cidr_boxes(profile.deny, v):
             cmds.append(_rule("output", _match({"concat": [_daddr(v), *PROTO_PORT["concat"]]}, f"@deny{v}"),
@@ -270,9 +272,10 @@ def host_ruleset(inst: Instance, profile: Profile) -> list[Cmd]:
         _rule("input", _match(iif, veth), ESTABLISHED, _verdict("accept"), table=t),
         _rule("input", _match(iif, veth), ND, _verdict("accept"), table=t),
     ]
-    # The sandbox's own table already enforces host rules; repeating their ports here keeps the host closed
-    # even if that table were somehow gone.
-    for rule in _cells_rule("input", _zone_cells(profile.allow, "to_host"), "accept"):
+    # The sandbox's own table already enforces host rules; repeating them here keeps the host closed even if
+    # that table were somehow gone.
+    for rule in (_cells_rule("input", _zone_cells(profile.deny, "to_host"), "drop")
+                 + _cells_rule("input", _zone_cells(profile.allow, "to_host"), "accept")):
         rule["add"]["rule"]["table"] = t
         rule["add"]["rule"]["expr"].insert(0, _match(iif, veth))
         cmds.append(rule)

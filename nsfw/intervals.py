@@ -52,7 +52,7 @@ def disjoint(boxes: Iterable[Box]) -> list[Box]:
         events.setdefault(lo, []).append((1, cell))
         events.setdefault(hi + 1, []).append((-1, cell))
     active: dict[Cell, int] = {}
-    segments: list[tuple[Span, frozenset[Cell]]] = []
+    segments: list[tuple[Span, tuple[Cell, ...]]] = []
     points = sorted(events)
     for here, nxt in pairwise(points):
         for delta, cell in events[here]:
@@ -61,12 +61,13 @@ def disjoint(boxes: Iterable[Box]) -> list[Box]:
                 del active[cell]
         if not active:
             continue
-        key = frozenset(active)
+        # neighbours merge when what they cover is the same, however differently the rules said it
+        key = disjoint_cells(frozenset(active))
         if segments and segments[-1][1] == key and segments[-1][0][1] + 1 == here:
             segments[-1] = ((segments[-1][0][0], nxt - 1), key)
         else:
             segments.append(((here, nxt - 1), key))
-    return [(span, cell) for span, key in segments for cell in disjoint_cells(key)]
+    return [(span, cell) for span, key in segments for cell in key]
 
 
 def merge_addresses(spans: Iterable[Span]) -> tuple[Span, ...]:

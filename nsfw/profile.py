@@ -31,7 +31,8 @@ SHIPPED_DIR = Path(__file__).resolve().parent.parent / "profiles"
 SYSTEM_DIR = Path("/etc/nsfw/profiles")
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-_PORT_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+_PORT_RANGE = re.compile(r"^\s*([0-9]+)\s*-\s*([0-9]+)\s*$", re.ASCII)
+_PORT = re.compile(r"^\s*([0-9]+)\s*$", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -93,14 +94,20 @@ def is_path(ref: str) -> bool:
     return "/" in ref or ref.endswith((".yaml", ".yml"))
 
 
-def find(ref: str, dirs: Sequence[Path], *, skip: Path | None = None) -> Path | None:
-    """The first NAME.yaml / NAME.yml along `dirs`; `skip` lets a profile include a namesake further down."""
+def find(ref: str, dirs: Sequence[Path], *, after: Path | None = None, base: Path | None = None) -> Path | None:
+    """Where a profile reference points. A path is taken as it is (relative to `base`, the including file's
+    directory, when given). A NAME is the first NAME.yaml / NAME.yml along `dirs`, or, with `after`, along the
+    directories after the one holding `after`: that is how a profile includes the namesake it overrides."""
     if is_path(ref):
-        return Path(ref)
-    for d in dirs:
+        return base / ref if base is not None and not os.path.isabs(ref) else Path(ref)
+    start = 0
+    if after is not None:  # a file outside the search path (given by path) skips only itself
+        here = after.resolve().parent
+        start = next((i + 1 for i, d in enumerate(dirs) if d.resolve() == here), 0)
+    for d in dirs[start:]:
         for ext in (".yaml", ".yml"):
             candidate = d / f"{ref}{ext}"
-            if candidate.is_file() and (skip is None or candidate.resolve() != skip.resolve()):
+            if candidate.is_file() and (after is None or candidate.resolve() != after.resolve()):
                 return candidate
     return None
 
@@ -125,7 +132,7 @@ class _Collector:
 
     def add(self, path: tuple[Any, ...], problem: str, fix: str = "") -> None:
         key = _format_key(path)
-        line = self.lines.get(path)
+        line = self.lines.get(path) or self.lines.get(tuple(p if isinstance(p, int) else str(p) for p in path))
         if line is None and path:
             line = self.lines.get(path[:1])
         if line is not None:
@@ -140,21 +147,66 @@ def _format_key(path: tuple[Any, ...]) -> str:
     return out
 
 
-def _node_lines(node: yaml.Node | None, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
+class _Loader(yaml.SafeLoader):
+    """YAML as profiles need it: no timestamps (`2024-02-30` in a command stays text, and cannot crash us)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+_CONSTRUCT_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, yaml.YAMLError)
+
+
+def _unconstructible_line(root: yaml.Node | None) -> int | None:
+    """The line of the first scalar that YAML cannot turn into a value."""
+    todo = [root] if root is not None else []
+    seen: set[int] = set()
+    while todo:
+        node = todo.pop(0)
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                _Loader("").construct_object(node)
+            except _CONSTRUCT_ERRORS:
+                return int(node.start_mark.line) + 1
+        elif isinstance(node, yaml.MappingNode):
+            todo += [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            todo += node.value
+    return None
+
+
+def _node_lines(root: yaml.Node | None) -> tuple[dict[tuple[Any, ...], int], list[tuple[tuple[Any, ...], int]]]:
+    """Line numbers by key path, and the keys given twice. Each node is walked once, so aliases can neither
+    recurse forever nor blow up exponentially."""
     lines: dict[tuple[Any, ...], int] = {}
-    if node is None:
-        return lines
-    lines[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            if isinstance(k, yaml.ScalarNode):
-                sub = (*path, k.value)
-                lines.update(_node_lines(v, sub))
-                lines[sub] = k.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            lines.update(_node_lines(v, (*path, i)))
-    return lines
+    duplicates: list[tuple[tuple[Any, ...], int]] = []
+    seen: set[int] = set()
+    todo: list[tuple[yaml.Node, tuple[Any, ...]]] = [(root, ())] if root is not None else []
+    while todo:
+        node, path = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            keys: set[str] = set()
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode):
+                    sub = (*path, k.value)
+                    if k.value in keys:
+                        duplicates.append((sub, k.start_mark.line + 1))
+                    keys.add(k.value)
+                    lines[sub] = k.start_mark.line + 1
+                    todo.append((v, sub))
+        elif isinstance(node, yaml.SequenceNode):
+            todo += [(v, (*path, i)) for i, v in enumerate(node.value)]
+    return lines, duplicates
 
 
 def _suggest(word: str, choices: Sequence[str]) -> str:
@@ -177,7 +229,7 @@ def parse_ports(value: Any, c: _Collector, path: tuple[Any, ...]) -> tuple[tuple
             m = _PORT_RANGE.match(item)
             if m:
                 low, high = int(m[1]), int(m[2])
-            elif item.strip().isdigit():
+            elif _PORT.match(item):
                 low = high = int(item)
         if low is None or high is None:
             c.add((*path, i), f"'{item}' is not a port", 'write a number 1-65535 or a range in quotes, "8000-8100"')
@@ -190,11 +242,12 @@ def parse_ports(value: Any, c: _Collector, path: tuple[Any, ...]) -> tuple[tuple
 
 
 def parse_domain(text: str) -> str | None:
-    """A lower-case domain name (optionally '*.'-prefixed), or None if `text` is not one."""
+    """A lower-case domain name of two labels or more (optionally '*.'-prefixed), or None if `text` is not one.
+    One label is refused: it is far more often a misspelt zone (`intenret`) than a host of a search domain."""
     name = text.strip().lower().rstrip(".")
     wild = name.startswith("*.")
     labels = (name[2:] if wild else name).split(".")
-    if not name or len(name) > 253 or not all(_LABEL.match(lab) for lab in labels):
+    if len(labels) < 2 or len(name) > 253 or not all(_LABEL.match(lab) for lab in labels):
         return None
     if labels[-1].isdigit():  # 300.1.2.3 is a broken address, not a name
         return None
@@ -202,6 +255,9 @@ def parse_domain(text: str) -> str | None:
 
 
 def parse_network(text: str, c: _Collector, path: tuple[Any, ...]) -> str | None:
+    if "%" in text:
+        c.add(path, f"'{text}' has a scope id", "rules name networks, not interfaces: drop the %... part")
+        return None
     try:
         return str(ipaddress.ip_network(text.strip(), strict=True))
     except ValueError:
@@ -231,7 +287,9 @@ def parse_rule(item: Any, c: _Collector, path: tuple[Any, ...]) -> Rule | None:
         domain = parse_domain(text)
         if domain:
             return Rule("host", domain, origin=origin)
+        close = difflib.get_close_matches(text.lower(), ZONES, n=1)
         c.add(path, f"'{item}' is neither a zone, an address nor a domain name",
+              f"did you mean '{close[0]}'?" if close else
               f"use {', '.join(ZONES)}, a CIDR such as 192.0.2.0/24, or a name such as example.org")
         return None
     if not isinstance(item, dict):
@@ -262,7 +320,8 @@ def parse_rule(item: Any, c: _Collector, path: tuple[Any, ...]) -> Rule | None:
     else:
         value = parse_domain(raw)
         if value is None:
-            c.add((*path, kind), f"'{raw}' is not a domain name", "write e.g. example.org or *.example.org")
+            c.add((*path, kind), f"'{raw}' is not a domain name",
+                  "write a name of two labels or more, e.g. example.org or *.example.org")
     proto: str = "any"
     if "proto" in item:
         p = item["proto"]
@@ -289,15 +348,15 @@ class _Raw:
     path: Path
     data: bytes
     keys: dict[str, Any]
-    includes: list[tuple[str, tuple[Any, ...]]]
+    includes: list[tuple[str, tuple[Any, ...], int]]  # name, key path, line
 
 
 def parse_file(path: Path, data: bytes) -> tuple[_Raw | None, list[ProfileError]]:
     file = str(path)
     try:
         text = data.decode("utf-8")
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        doc = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_Loader)
+        doc = _Loader("").construct_document(node) if node is not None else None
     except UnicodeDecodeError:
         return None, [ProfileError(file, "", "is not UTF-8 text", "save it as UTF-8")]
     except yaml.YAMLError as e:
@@ -306,7 +365,15 @@ def parse_file(path: Path, data: bytes) -> tuple[_Raw | None, list[ProfileError]
         problem = getattr(e, "problem", None) or str(e)
         return None, [ProfileError(file, where, f"is not valid YAML: {problem}",
                                    "check the indentation and quoting near that line")]
-    c = _Collector(file, _node_lines(node))
+    except _CONSTRUCT_ERRORS as e:  # an explicit tag PyYAML cannot construct (`!!int llow`, `!!bool x`)
+        line = _unconstructible_line(node)
+        return None, [ProfileError(file, f"line {line}" if line else "", f"has a value YAML cannot convert: {e}",
+                                   "remove the explicit !!tag and write a plain value")]
+    lines, duplicates = _node_lines(node)
+    c = _Collector(file, lines)
+    for path, line in duplicates:
+        c.errors.append(ProfileError(file, f"{_format_key(path)} (line {line})", "is given twice",
+                                     "keep one of them: YAML would silently use the last"))
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
@@ -320,9 +387,9 @@ def parse_file(path: Path, data: bytes) -> tuple[_Raw | None, list[ProfileError]
         parsed = _parse_top(str(key), value, c)
         if parsed is not _INVALID:
             keys[str(key)] = parsed
-    includes: list[tuple[str, tuple[Any, ...]]] = []
+    includes: list[tuple[str, tuple[Any, ...], int]] = []
     for i, name in enumerate(keys.pop("include", [])):
-        includes.append((name, ("include", i)))
+        includes.append((name, ("include", i), lines.get(("include", i), lines.get(("include",), 0))))
     return _Raw(path, data, keys, includes), c.errors
 
 
@@ -334,7 +401,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {"network": ("none", "nat"), "default": (
 def _parse_top(key: str, value: Any, c: _Collector) -> Any:
     path: tuple[Any, ...] = (key,)
     if key == "version":
-        if value != 1:
+        if type(value) is not int or value != 1:
             c.add(path, f"unsupported version '{value}'", "this nsfw reads version 1; remove the key or set it to 1")
             return _INVALID
         return value
@@ -424,6 +491,9 @@ def _load_tree(path: Path, dirs: Sequence[Path], read: Reader, stack: list[Path]
     except IsADirectoryError:
         errors.append(ProfileError(str(path), "", "is a directory", "name a .yaml file"))
         return None
+    except OSError as e:
+        errors.append(ProfileError(str(path), "", f"cannot be read: {e.strerror or e}", "check the file"))
+        return None
     raw, problems = parse_file(path, data)
     errors.extend(problems)
     if raw is None:
@@ -431,16 +501,18 @@ def _load_tree(path: Path, dirs: Sequence[Path], read: Reader, stack: list[Path]
     digest = hashlib.sha256()
     keys: dict[str, Any] = {}
     files: list[str] = []
-    for name, key_path in raw.includes:
-        where = f"{_format_key(key_path)}"
-        if len(stack) + 1 >= MAX_INCLUDE_DEPTH:
+    for name, key_path, line in raw.includes:
+        where = f"{_format_key(key_path)} (line {line})"
+        if len(stack) + 1 > MAX_INCLUDE_DEPTH:
             errors.append(ProfileError(str(path), where, f"includes nest deeper than {MAX_INCLUDE_DEPTH}",
                                        "flatten the chain of includes"))
             continue
-        target = find(name, dirs, skip=path if name == path.stem and not is_path(name) else None)
-        if target is None:
+        own_name = name == path.stem and not is_path(name)
+        target = find(name, dirs, after=path if own_name else None, base=path.parent)
+        if target is None or (is_path(name) and not target.exists()):
+            looked = f"{target}" if target is not None else ":".join(map(str, dirs))
             errors.append(ProfileError(str(path), where, f"includes '{name}', which was not found",
-                                       f"create it or fix the name; looked in {':'.join(map(str, dirs))}"))
+                                       f"create it or fix the name; looked in {looked}"))
             continue
         chain = [*stack, path]
         if any(target.resolve() == p.resolve() for p in chain):

@@ -95,6 +95,8 @@ RESOLV_CONF = "/etc/resolv.conf"
 NSFW_RUN_DIR = "/run/nsfw"
 
 PYTHON = "/usr/bin/python3"
+# Where the world looks for ip, nft, unshare and nsenter, whatever PATH it was given.
+_TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 PROBE_TIMEOUT_ENV = "NSFW_PROBE_TIMEOUT"
 PROBE_KINDS = ("tcp", "udp", "dns", "query", "resolve", "tcpname")
 
@@ -393,7 +395,10 @@ def dns_reply(data: bytes, zone: ZoneView, *, udp: bool,
         rcode, answers = zone.resolve(q.name, q.qtype)
     body = b"".join(_rr(b"\xc0\x0c" if owner == q.name else encode_name(owner), t, ttl, rd)
                     for owner, t, ttl, rd in answers)
-    authority = _soa() if rcode in (_NOERROR, _NXDOMAIN) and not answers else b""
+    # RFC 2308: a negative answer (NXDOMAIN, or no data of the asked type, after any CNAMEs) carries the SOA that
+    # tells a cache how long to keep it
+    final = any(t == q.qtype or q.qtype == QTYPE_ANY for _o, t, _ttl, _rd in answers)
+    authority = _soa() if rcode in (_NOERROR, _NXDOMAIN) and not final else b""
     # OPT: root owner, class = our UDP payload size, no extended flags, no options
     opt = b"\0" + struct.pack("!HHIH", QTYPE_OPT, _EDNS_SIZE, 0, 0) if q.edns else b""
     header = struct.pack("!6H", q.qid, flags | rcode, 1, len(answers), 1 if authority else 0, 1 if opt else 0)
@@ -443,6 +448,7 @@ def _append_log(path: str, line: str) -> None:
 _IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 _IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 _IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+_SO_RCVBUFFORCE = 33
 
 
 def _unmap(addr: str) -> str:
@@ -478,6 +484,9 @@ class Servers:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             s.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVPKTINFO, 1)
             s.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+            with contextlib.suppress(OSError):
+                # room for a burst of datagrams (a fuzzing test, a resolver's retries) while one thread answers
+                s.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, 4 << 20)
             s.bind(("::", port))
             s.setblocking(False)
             self.selector.register(s, selectors.EVENT_READ, ("udp", port))
@@ -555,17 +564,16 @@ class Servers:
             reply = f"world {self.label} {_unmap(local or '?')} {port} udp from {_unmap(peer[0])}\n".encode()
         if reply is None:
             return
-        try:
+        # e.g. no route back to an un-NATed sender: that silence is the point
+        with contextlib.suppress(OSError):
             if local is None:
-                raise OSError("no destination address")
+                sock.sendto(reply, peer)
+                return
             # Answer from the address that was asked: the servers' addresses sit on lo, and a plain sendto would
             # leave from the link address, which a connected client (and any conntrack) would not accept.
             mapped = local if ":" in local else f"::ffff:{local}"
             sock.sendmsg([reply], [(socket.IPPROTO_IPV6, _IPV6_PKTINFO,
                                     socket.inet_pton(socket.AF_INET6, mapped) + b"\0\0\0\0")], 0, peer)
-        except OSError:
-            with contextlib.suppress(OSError):  # e.g. no route back to an un-NATed sender: that silence is the point
-                sock.sendto(reply, peer)
 
 
 # ------------------------------------------------------------------------------------------------ kernel helpers
@@ -659,14 +667,20 @@ def _build(config: Mapping[str, Any]) -> None:
     # A new namespace may inherit the machine's IPv4 values; the host's baseline is "not a router".
     _sysctls({"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0",
               "net/ipv6/conf/default/forwarding": "0"})
-    # Links go up before they get addresses: IPv6 addresses added (nodad) to a link that is still down lose the
-    # first neighbour solicitations after it comes up, and the first IPv6 connection would wait a second.
     _ip_batch([
         "link set lo up",
         f"netns add {INET}",
         f"netns add {LAN}",
         f"link add {UPLINK} type veth peer name eth0 netns {INET}",
         f"link add {LANLINK} type veth peer name eth0 netns {LAN}",
+    ])
+    # No duplicate address detection on the world's own links, link-local addresses included: the kernel adds
+    # their local routes only once DAD is over, a second or two after start(), and a snapshot taken before would
+    # differ from one taken after. Only these two links: those nsfw makes behave as on a real machine.
+    _sysctls({f"net/ipv6/conf/{link}/accept_dad": "0" for link in (UPLINK, LANLINK)})
+    # Links go up before they get addresses: IPv6 addresses added (nodad) to a link that is still down lose the
+    # first neighbour solicitations after it comes up, and the first IPv6 connection would wait a second.
+    _ip_batch([
         f"link set {UPLINK} up",
         f"link set {LANLINK} up",
         f"addr add {HOST_UPLINK4}/24 dev {UPLINK}",
@@ -887,7 +901,8 @@ class World:
         self._stderr: IO[bytes] | None = None
         self._probe_dir: str | None = None
         self._pids: tuple[int, ...] = ()
-        self.startup_seconds: float | None = None
+        self._tools: dict[str, str] = {}
+        self.startup_seconds: float | None = None  # how long the last start() took
 
     # -- lifecycle
 
@@ -898,31 +913,34 @@ class World:
         self.stop()
 
     def start(self) -> World:
+        """Build the world; returns once every server listens. WorldError says why it could not."""
         if self._proc is not None:
             return self
         t0 = time.monotonic()
         if os.geteuid() != 0:
             raise WorldError("the world needs root (it builds network namespaces)")
-        missing = [t for t in ("unshare", "nsenter", "ip") if shutil.which(t) is None]
-        if missing or not os.access(PYTHON, os.X_OK):
-            raise WorldError(f"the world needs {', '.join(missing) or PYTHON} (apt-get install iproute2 util-linux)")
-        self._make_probe_dir()
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - held for the world's life, closed in stop()
-        config = {"parent": os.getpid(), "netns": _ns_inode("net"), "mntns": _ns_inode("mnt"), "zone": self.zone}
-        proc = subprocess.Popen(
-            ["unshare", "--mount", "--net", "--propagation", "private", "--",
-             PYTHON, "-I", "-S", os.path.abspath(__file__), "--world"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-            start_new_session=True,  # terminal signals belong to the command in the world, not the world
-        )
-        self._proc = proc
+        # Absolute paths: a caller's env= with a short PATH must not decide which tools run.
+        tools = {t: shutil.which(t, path=_TOOL_PATH) for t in ("unshare", "nsenter", "ip")}
+        missing = [t for t, path in tools.items() if path is None] + ([] if os.access(PYTHON, os.X_OK) else [PYTHON])
+        if missing:
+            raise WorldError(f"the world needs {', '.join(missing)} (apt-get install iproute2 util-linux python3)")
+        self._tools = {t: str(path) for t, path in tools.items()}
         try:
+            self._make_probe_dir()
+            self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - held for the world's life, closed in stop()
+            config = {"parent": os.getpid(), "netns": _ns_inode("net"), "mntns": _ns_inode("mnt"), "zone": self.zone}
+            self._proc = proc = subprocess.Popen(
+                [self._tools["unshare"], "--mount", "--net", "--propagation", "private", "--",
+                 PYTHON, "-I", "-S", os.path.abspath(__file__), "--world"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                start_new_session=True,  # terminal signals belong to the command in the world, not the world
+            )
             assert proc.stdin is not None and proc.stdout is not None
             proc.stdin.write(json.dumps(config).encode() + b"\n")
             proc.stdin.flush()
-            line = self._read_line(proc.stdout.fileno(), t0 + self._ready_timeout)
-            if line != b"ready\n":
-                raise WorldError(f"the world did not start: {self._stderr_text() or 'no message'}")
+            if self._read_line(proc.stdout.fileno(), t0 + self._ready_timeout) != b"ready\n":
+                late = "" if proc.poll() is not None else f" within {self._ready_timeout:g} s"
+                raise WorldError(f"the world did not start{late}: {self._stderr_text() or 'no message'}")
             with open(f"/proc/{proc.pid}/root{PIDS_FILE}") as f:
                 self._pids = tuple(int(p) for p in f.read().split())
         except BaseException:
@@ -959,11 +977,12 @@ class World:
 
     @staticmethod
     def _read_line(fd: int, deadline: float) -> bytes:
+        """One line, or what came of it before EOF or the deadline."""
         buf = b""
         while not buf.endswith(b"\n"):
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise WorldError("the world did not report ready in time")
+                break
             chunk = os.read(fd, 4096)
             if not chunk:
                 break
@@ -984,8 +1003,10 @@ class World:
         # Directories of worlds whose owner was SIGKILLed; our pid in the name tells whose they were.
         for name in os.listdir(parent):
             pid = name[len(_PROBE_DIR_PREFIX):].split("-", 1)[0]
-            if name.startswith(_PROBE_DIR_PREFIX) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            path = os.path.join(parent, name)
+            if (name.startswith(_PROBE_DIR_PREFIX) and pid.isdigit() and not os.path.exists(f"/proc/{pid}")
+                    and os.lstat(path).st_uid == os.geteuid()):
+                shutil.rmtree(path, ignore_errors=True)
         d = tempfile.mkdtemp(prefix=f"{_PROBE_DIR_PREFIX}{os.getpid()}-", dir=parent)
         os.chmod(d, 0o755)  # the sandboxed user must read the probe, nothing more
         script = os.path.join(d, "world.py")
@@ -1027,14 +1048,15 @@ class World:
 
     # -- running things
 
-    def command(self, argv: Sequence[str], *, ns: str = HOST, cwd: str | None = None) -> list[str]:
+    def command(self, argv: Sequence[str], *, ns: str = HOST, cwd: str | os.PathLike[str] | None = None) -> list[str]:
         """argv wrapped to run on the simulated host (or in its inet/lan namespace)."""
         if ns not in (HOST, INET, LAN):
             raise ValueError(f"ns must be one of {HOST!r}, {INET!r}, {LAN!r}")
         # nsenter --mount resets the working directory to "/": carry the caller's over
-        wd = os.path.abspath(cwd) if cwd is not None else os.getcwd()
-        inner = ["ip", "netns", "exec", ns] if ns != HOST else []
-        return ["nsenter", f"--target={self.pid}", "--net", "--mount", f"--wd={wd}", "--", *inner, *argv]
+        wd = os.path.abspath(os.fspath(cwd)) if cwd is not None else os.getcwd()
+        pid = self.pid
+        inner = [self._tools["ip"], "netns", "exec", ns] if ns != HOST else []
+        return [self._tools["nsenter"], f"--target={pid}", "--net", "--mount", f"--wd={wd}", "--", *inner, *argv]
 
     def run(self, argv: Sequence[str], *, timeout: float = 60, ns: str = HOST,
             **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -1296,8 +1318,7 @@ def probe_main(argv: Sequence[str]) -> int:
     except Exception as e:  # a probe reports, it does not crash
         code, text = OTHER, f"error {type(e).__name__}: {e}"
     print(text, flush=True)
-    # os._exit: a getaddrinfo thread still stuck in libc must not hold the exit up
-    os._exit(code)
+    return code
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -1325,6 +1346,8 @@ def _run_in_world(cmd: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] in (["--world"], ["--snapshot"]):
+        os.environ["PATH"] = f"{_TOOL_PATH}:{os.environ.get('PATH', '')}"
     if args[:1] == ["--world"]:
         return _world_main()
     if args[:1] == ["--snapshot"]:
@@ -1349,4 +1372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    with contextlib.suppress(BrokenPipeError):  # `world.py info | head`
+        sys.stdout.flush()
+        sys.stderr.flush()
+    # not sys.exit(): a getaddrinfo thread still stuck in libc after a probe timed out must not hold the exit up
+    os._exit(status)
