@@ -73,6 +73,19 @@ def unshare(flags: int) -> None:
     _call("unshare", _libc.unshare, ctypes.c_int(flags))
 
 
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+
+
+def mount(source: str | None, target: str, fstype: str | None = None, flags: int = 0, data: str | None = None) -> None:
+    enc = [None if x is None else x.encode() for x in (source, target, fstype, data)]
+    _call(f"mount {target}", _libc.mount, enc[0], enc[1], enc[2], ctypes.c_ulong(flags), enc[3])
+
+
 def make_mounts_private() -> None:
     """Stop mounts made in this mount namespace from propagating back to the host's, and vice versa."""
     _call("mount / private", _libc.mount, None, b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None)

@@ -4,9 +4,11 @@ The sandbox's table classifies each new outbound connection's destination into a
 then decides in that zone's chain. Profile rules become set elements, not rules, so a profile of ten thousand
 CIDRs costs the data path a lookup, not ten thousand comparisons:
 
-    output: loopback, established -> accept; cidr deny set -> reject;
+    dns (nat): every DNS packet -> the sandbox's resolver on its gateway
+    output: loopback, established, the resolver -> accept; cidr deny and denied-name sets -> reject;
             daddr in @host -> to_host | @lan -> to_lan | @other -> to_other | else to_internet
-    to_ZONE: zone deny rules -> reject; cidr allow set -> accept (not to_host); zone allow rules -> accept; default
+    to_ZONE: zone deny rules -> reject; granted name addresses (lan, internet) -> accept;
+             cidr allow set -> accept (not to_host); zone allow rules -> accept; the profile's default
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def _saddr(version: int) -> dict[str, Any]:
 PROTO_PORT = {"concat": [_meta("l4proto"), _payload("th", "dport")]}
 ESTABLISHED = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
 ND = _match(_payload("icmpv6", "type"), {"set": ND_TYPES})
+DNS = _match(PROTO_PORT, {"set": [{"concat": ["udp", 53]}, {"concat": ["tcp", 53]}]})
 
 
 def _verdict(v: str, target: str | None = None) -> dict[str, Any]:
@@ -132,6 +135,24 @@ def _zone_cells(rules: Iterable[Rule], chain: str) -> dict[int, list[Cell]]:
     return cells
 
 
+def name_groups(profile: Profile) -> list[tuple[Rule, ...]]:
+    """Allowed names grouped by what they open (protocol and ports): one pair of grant sets per group, filled
+    by the sandbox's resolver with the addresses it hands out, so 200 names cost one lookup, not 200 rules."""
+    groups: dict[tuple[str, tuple[tuple[int, int], ...]], list[Rule]] = {}
+    for rule in profile.allow:
+        if rule.kind == "host":
+            groups.setdefault((rule.proto, rule.ports), []).append(rule)
+    return [tuple(g) for g in groups.values()]
+
+
+def grant_set(group: int, version: int) -> str:
+    return f"dns{version}_{group}"
+
+
+def denied_names(profile: Profile) -> bool:
+    return any(r.kind == "host" for r in profile.deny)
+
+
 # ---------------------------------------------------------------------------------------------- sets and chains
 
 
@@ -144,6 +165,11 @@ def _concat_set(name: str, version: int, boxes: Sequence[Box]) -> Cmd:
     if elems:
         spec["elem"] = elems
     return {"add": {"set": spec}}
+
+
+def _timeout_set(name: str, version: int) -> Cmd:
+    return {"add": {"set": {"family": FAMILY, "table": TABLE, "name": name,
+                            "type": "ipv4_addr" if version == 4 else "ipv6_addr", "flags": ["timeout"]}}}
 
 
 def _addr_set(name: str, version: int, nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> Cmd:
@@ -176,8 +202,27 @@ def _networks(texts: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IP
     return [ipaddress.ip_network(t) for t in texts]
 
 
+def _grant_rules(chain: str, profile: Profile) -> list[Cmd]:
+    """Addresses the resolver handed out for allowed names, in the zones a name may open: never the host nor
+    loopback or multicast (DNS rebinding), and after the zone's denies, so `deny: [lan]` still wins."""
+    if chain not in ("to_lan", "to_internet"):
+        return []
+    out: list[Cmd] = []
+    for i, group in enumerate(name_groups(profile)):
+        for v in (4, 6):
+            cells = disjoint_cells(frozenset(rule_cells(group[0], v)))
+            where = _match(_daddr(v), f"@{grant_set(i, v)}")
+            if cells == ((ALL, ALL_PORTS),):
+                out.append(_rule(chain, where, _verdict("accept")))
+            else:
+                elems = [{"concat": [_proto_elem(p), _port_elem(q)]} for p, q in cells]
+                out.append(_rule(chain, where, _match(PROTO_PORT, {"set": elems}), _verdict("accept")))
+    return out
+
+
 def _zone_chain(chain: str, profile: Profile) -> list[Cmd]:
     rules = _cells_rule(chain, _zone_cells(profile.deny, chain), "reject")
+    rules += _grant_rules(chain, profile)
     if chain != "to_host":  # the host opens only to rules that name it
         for v in (4, 6):
             if cidr_boxes(profile.allow, v):
@@ -205,6 +250,14 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
         cmds.append(_addr_set(f"other{v}", v, _networks(OTHER4 if v == 4 else OTHER6)))
         cmds.append(_concat_set(f"deny{v}", v, cidr_boxes(profile.deny, v)))
         cmds.append(_concat_set(f"allow{v}", v, cidr_boxes(profile.allow, v)))
+        for i in range(len(name_groups(profile))):
+            cmds.append(_timeout_set(grant_set(i, v), v))
+        if denied_names(profile):
+            cmds.append(_timeout_set(f"dnsdeny{v}", v))
+    resolvers = {ipaddress.ip_address(g).version: g for g in gateways}
+    if resolvers:
+        cmds.append({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": "dns", "type": "nat",
+                                       "hook": "output", "prio": -100, "policy": "accept"}}})
     for name, hook in (("output", "output"), ("input", "input")):
         cmds.append({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": name, "type": "filter",
                                        "hook": hook, "prio": 0, "policy": "drop"}}})
@@ -217,12 +270,21 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
         _rule("output", _match({"ct": {"key": "state"}}, "invalid", "in"), _verdict("drop")),
         _rule("output", ND, _verdict("accept")),
     ]
+    # Every DNS packet, to any address, goes to the sandbox's own resolver: choosing another resolver cannot
+    # get around a name rule. (DNS over TLS or HTTPS is ordinary traffic under the profile's rules.)
+    for v, addr in sorted(resolvers.items()):
+        nfproto = _match(_meta("nfproto"), "ipv4" if v == 4 else "ipv6")
+        cmds.append(_rule("dns", nfproto, _match(_meta("oif"), "lo", "!="), DNS,
+                          {"dnat": {"family": "ip" if v == 4 else "ip6", "addr": addr}}))
+        cmds.append(_rule("output", _match(_daddr(v), addr), DNS, _verdict("accept")))
     if not profile.ipv6:  # the sandbox has no IPv6 route either; this keeps it so whatever it tries
         cmds.append(_rule("output", _match(_meta("nfproto"), "ipv6"), _verdict("reject")))
     for v in (4, 6):
         if cidr_boxes(profile.deny, v):
             cmds.append(_rule("output", _match({"concat": [_daddr(v), *PROTO_PORT["concat"]]}, f"@deny{v}"),
                               _verdict("reject")))
+        if denied_names(profile):  # addresses learned for denied names, while they are known
+            cmds.append(_rule("output", _match(_daddr(v), f"@dnsdeny{v}"), _verdict("reject")))
     for zone in ("host", "lan", "other"):
         for v in (4, 6):
             cmds.append(_rule("output", _match(_daddr(v), f"@{zone}{v}"), _verdict("goto", f"to_{zone}")))
@@ -279,6 +341,10 @@ def host_ruleset(inst: Instance, profile: Profile) -> list[Cmd]:
         rule["add"]["rule"]["table"] = t
         rule["add"]["rule"]["expr"].insert(0, _match(iif, veth))
         cmds.append(rule)
+    for v, gw in ((4, inst.gateway4), (6, inst.gateway6)):
+        if gw is not None:  # the sandbox's resolver listens on its gateway
+            cmds.append(_rule("input", _match(iif, veth), _match(_daddr(v), str(gw.ip)), DNS, _verdict("accept"),
+                              table=t))
     cmds.append(_rule("input", _match(iif, veth), _verdict("drop"), table=t))
     return cmds
 

@@ -371,8 +371,8 @@ def parse_file(path: Path, data: bytes) -> tuple[_Raw | None, list[ProfileError]
                                    "remove the explicit !!tag and write a plain value")]
     lines, duplicates = _node_lines(node)
     c = _Collector(file, lines)
-    for path, line in duplicates:
-        c.errors.append(ProfileError(file, f"{_format_key(path)} (line {line})", "is given twice",
+    for key_path, line in duplicates:
+        c.errors.append(ProfileError(file, f"{_format_key(key_path)} (line {line})", "is given twice",
                                      "keep one of them: YAML would silently use the last"))
     if doc is None:
         doc = {}

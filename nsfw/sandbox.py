@@ -15,8 +15,8 @@ from contextlib import ExitStack, contextmanager
 from typing import Any, NoReturn
 
 from . import compile as rules
-from . import launch, netns, nft, state
-from .errors import NsfwError, ProfileError, SetupError
+from . import dns, launch, netns, nft, state
+from .errors import NsfwError, SetupError
 from .names import PREFIX, HostEnv, Instance, allocate_slot, new_id
 from .profile import Profile
 
@@ -29,7 +29,7 @@ class Interrupted(NsfwError):
         self.exit_code = 128 + signum
 
 
-SETUP_STEPS = ("record", "netns", "veth", "host-rules", "forwarding", "sandbox-rules")
+SETUP_STEPS = ("record", "netns", "veth", "host-rules", "forwarding", "resolver", "sandbox-rules")
 
 
 def _fault(step: str) -> None:
@@ -105,6 +105,8 @@ def remove_objects(record: state.Record) -> list[str]:
         removed.append(f"link {record.veth}")
     if netns.remove(record.netns):
         removed.append(f"netns {record.netns}")
+    if state.drop_dir(record.id):
+        removed.append(f"files {state.sandbox_dir(record.id)}")
     return removed
 
 
@@ -154,11 +156,6 @@ def _signals_held() -> Iterator[None]:
 
 def run(profile: Profile, argv: Sequence[str], user: launch.User, environ: Mapping[str, str]) -> int:
     """Build the sandbox, run COMMAND in it as `user`, tear it down; return COMMAND's exit status."""
-    if profile.host_rules:
-        rule = profile.host_rules[0]
-        raise ProfileError(rule.origin.split(": ")[0], rule.origin.split(": ", 1)[-1],
-                           f"domain rule '{rule.value}' cannot be enforced by this version of nsfw",
-                           "replace it with cidr: rules; names are enforced once the sandbox resolver lands")
     stack = ExitStack()
     try:
         with _signals_abort_setup():
@@ -208,6 +205,14 @@ def _setup(stack: ExitStack, profile: Profile, argv: Sequence[str], user: launch
         gateways = [str(a.ip) for a in (inst.gateway4, inst.gateway6) if a]
     netns.configure_sandbox_side(inst.netns, inst.address4 if nat else None, inst.gateway4 if nat else None,
                                  inst.address6, inst.gateway6)
+    files = state.sandbox_dir(inst.id)
+    stack.callback(state.drop_dir, inst.id)
+    log = dns.write_files(files, gateways[0] if gateways else None, user)
+    resolver = None
+    if nat:
+        resolver = dns.start(inst, netns.path(inst.netns), profile, env.addresses, log)
+        stack.callback(resolver.stop)
+        _fault("resolver")
     with netns.entered(inst.netns):
         nft.apply(rules.sandbox_ruleset(profile, env, gateways), "sandbox ruleset")
     _fault("sandbox-rules")
@@ -216,6 +221,9 @@ def _setup(stack: ExitStack, profile: Profile, argv: Sequence[str], user: launch
     # From here signals wait in the mask: wait_child relays whatever arrived while COMMAND was being started.
     signal.pthread_sigmask(signal.SIG_BLOCK, launch.DEFAULT_FORWARD)
     try:
-        return launch.spawn(argv, user=user, env=environ, netns_fd=fd)
+        pid = launch.spawn(argv, user=user, env=environ, netns_fd=fd, in_child=dns.bind_name_files(files))
     finally:
         os.close(fd)
+    if resolver is not None:
+        resolver.granter.start()
+    return pid

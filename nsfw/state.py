@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -70,6 +71,20 @@ def write_json(path: str, data: dict[str, Any]) -> None:
 
 def save(record: Record) -> None:
     write_json(_dir(SANDBOXES, f"{record.id}.json"), asdict(record))
+
+
+def sandbox_dir(record_id: str) -> str:
+    """A sandbox's own files: its resolv.conf, nsswitch.conf and DNS query log."""
+    return _dir(SANDBOXES, record_id)
+
+
+def drop_dir(record_id: str) -> bool:
+    """Idempotent, never raises. True when something was removed."""
+    path = sandbox_dir(record_id)
+    if not os.path.isdir(path):
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
 
 
 def drop(record_id: str) -> None:

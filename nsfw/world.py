@@ -33,7 +33,8 @@ The map:
         no route back beyond its link, so the host must NAT whatever it forwards
   lan   eth0 10.77.0.10/24 fd77::10/64, same servers; only its own link routed
 Every DNS query that reaches a world server is appended to /run/world/dns.log (in the world's /run)
-as "NAME QTYPE".
+as "NAME QTYPE": the name in lower case without the final dot, the type as a mnemonic ("allowed.test AAAA",
+"x.test TYPE99").
 """
 
 from __future__ import annotations
@@ -889,7 +890,14 @@ _PROBE_DIR_PREFIX = "nsfw-world-"
 class World:
     """The simulated world. start() builds it (well under a second), stop() removes all of it.
 
-    The world process is bound to the thread that called start(): it dies when that thread ends (PDEATHSIG).
+        with World() as w:
+            w.run(["nsfw", "run", "--", PYTHON, w.probe_script, "tcp", "192.0.2.10", "80"])
+            w.probe("dns", "allowed.test").out       # '192.0.2.10 2001:db8::10'
+            w.snapshot() == baseline                 # nothing left behind on the host
+
+    zone: replaces DEFAULT_ZONE (merge with {**DEFAULT_ZONE, ...} to extend it); probe_dir: where the
+    world-readable copy of the probe goes (default: the temp dir). The world process is bound to the thread
+    that called start(): it dies when that thread ends (PDEATHSIG), as it does when the whole caller dies.
     """
 
     def __init__(self, *, zone: Mapping[str, Mapping[str, Any]] | None = None,
@@ -1084,7 +1092,8 @@ class World:
         env = dict(os.environ)
         if timeout is not None:
             env[PROBE_TIMEOUT_ENV] = str(timeout)
-        wait = float(env.get(PROBE_TIMEOUT_ENV) or 2) * 4 + 10
+        # a probe waits at most twice its own timeout (dns asks two questions); this only guards a hang
+        wait = _probe_timeout(env) * 4 + 10
         r = self.run(self.probe_argv(kind, *args), env=env, ns=ns, timeout=wait)
         return ProbeResult(r.returncode, r.stdout.strip(), r.stderr.strip())
 
@@ -1127,9 +1136,9 @@ class _Usage(Exception):
     pass
 
 
-def _probe_timeout() -> float:
+def _probe_timeout(env: Mapping[str, str] | None = None) -> float:
     try:
-        return float(os.environ.get(PROBE_TIMEOUT_ENV) or 2)
+        return float((os.environ if env is None else env).get(PROBE_TIMEOUT_ENV) or 2)
     except ValueError:
         return 2.0
 

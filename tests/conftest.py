@@ -29,6 +29,8 @@ TOOLS = ("ip", "nft", "nsenter", "unshare", "useradd", "setpriv")
 
 TEST_USER = "nsfwtest"
 TEST_GROUP = "nsfwtestgrp"
+# Set on the account when the fixture makes it: an `nsfwtest` without it is somebody's, never reused or removed.
+TEST_USER_MARK = "nsfw test suite, throwaway"
 
 
 def integration_skip_reason() -> str | None:
@@ -124,12 +126,15 @@ def _ensure_test_user() -> LocalUser:
     if not _exists(grp.getgrnam, TEST_GROUP):
         _run("groupadd", TEST_GROUP)
     if _exists(pwd.getpwnam, TEST_USER):
+        if pwd.getpwnam(TEST_USER).pw_gecos != TEST_USER_MARK:
+            raise RuntimeError(f"a user {TEST_USER!r} exists that the test suite did not create: not touching it")
         # left by a run that was killed before its clean-up: reuse it, made whole again
         _run("usermod", "--append", "--groups", TEST_GROUP, TEST_USER)
     else:
         # a leftover primary group of the same name would make --user-group fail
         primary = ["--gid", TEST_USER] if _exists(grp.getgrnam, TEST_USER) else ["--user-group"]
-        _run("useradd", "--create-home", "--shell", "/bin/sh", *primary, "--groups", TEST_GROUP, TEST_USER)
+        _run("useradd", "--create-home", "--shell", "/bin/sh", "--comment", TEST_USER_MARK, *primary,
+             "--groups", TEST_GROUP, TEST_USER)
     entry = pwd.getpwnam(TEST_USER)
     if not os.path.isdir(entry.pw_dir):
         os.makedirs(entry.pw_dir, mode=0o700)
@@ -146,6 +151,8 @@ def _ensure_test_user() -> LocalUser:
 
 def _remove_test_user() -> None:
     if _exists(pwd.getpwnam, TEST_USER):
+        if pwd.getpwnam(TEST_USER).pw_gecos != TEST_USER_MARK:
+            return
         # --force: a process a failed test left behind must not keep the account (and its home) alive
         subprocess.run(["userdel", "--remove", "--force", TEST_USER], capture_output=True, check=False)
     for group in (TEST_GROUP, TEST_USER):

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import NamedTuple
+
+from . import NamedTuple  # typing.NamedTuple for type checkers; see the package docstring
 
 TYPE_A, TYPE_NS, TYPE_CNAME, TYPE_SOA, TYPE_AAAA, TYPE_OPT = 1, 2, 5, 6, 28, 41
 CLASS_IN = 1

@@ -10,9 +10,13 @@ reads `\\046` and can never line up with the labels of a pattern.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Literal, NamedTuple
 
-Verdict = Literal["allow", "deny", "unlisted", "refuse"]
+from . import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from typing import Literal
+
+    Verdict = Literal["allow", "deny", "unlisted", "refuse"]
 
 
 class Decision(NamedTuple):

@@ -9,6 +9,7 @@ question), carries our random id and echoes our question; anything else is ignor
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import heapq
 import ipaddress
@@ -18,15 +19,15 @@ import selectors
 import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
+from . import NamedTuple
 from .dnsmsg import NOERROR, NXDOMAIN, DnsFormatError, Response, make_query, parse_response
 
 DEFAULT_NAMESERVER = "127.0.0.1"  # what glibc asks when resolv.conf names none
 MAXNS = 3  # glibc reads the first three nameserver lines only
 TIMEOUT = 1.5  # per upstream: a local resolver answers in milliseconds, a slow one is better skipped
 _TCP_MAX = 65535 + 2
-_SEQ = itertools.count()  # tie-breaker in the timer heap: exchanges themselves do not compare
+_SEQ = itertools.count()
 
 
 def parse_resolv_conf(text: str) -> list[str]:
@@ -66,12 +67,15 @@ class Upstream(NamedTuple):
 
 
 def upstreams(addresses: Sequence[str], port: int = 53) -> list[Upstream]:
-    """Socket addresses for `addresses` (scope ids resolved to interface indexes); the unusable are skipped."""
+    """Socket addresses for `addresses` (scope ids resolved to interface indexes); the unusable are skipped.
+    An address may name its port dnsmasq-style, `127.0.0.1#5353` (for tests and development)."""
     out: list[Upstream] = []
     for addr in addresses:
+        host, sep, port_text = addr.partition("#")
         try:
-            infos = socket.getaddrinfo(addr, port, 0, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST)
-        except (OSError, UnicodeError):
+            infos = socket.getaddrinfo(host, int(port_text) if sep else port, 0, socket.SOCK_DGRAM, 0,
+                                       socket.AI_NUMERICHOST)
+        except (OSError, UnicodeError, ValueError, OverflowError):
             continue
         if infos:
             family, _type, _proto, _name, sockaddr = infos[0]
@@ -83,13 +87,36 @@ def new_id() -> int:
     return int.from_bytes(os.urandom(2), "big")
 
 
+class Timer:
+    """An entry of the loop's timer heap. Cancelling clears `exchange` rather than searching the heap, so a
+    cancelled entry is a few dozen bytes until its deadline comes round (or the owner compacts the heap)."""
+
+    __slots__ = ("deadline", "exchange", "seq")
+
+    def __init__(self, deadline: float, exchange: Exchange) -> None:
+        self.deadline = deadline
+        self.seq = next(_SEQ)  # ties go in order of creation: exchanges themselves do not compare
+        self.exchange: Exchange | None = exchange
+
+    def __lt__(self, other: Timer) -> bool:
+        return (self.deadline, self.seq) < (other.deadline, other.seq)
+
+
+def run_timers(timers: list[Timer], now: float) -> None:
+    """Fire every timer of the heap `timers` that is due."""
+    while timers and timers[0].deadline <= now:
+        exchange = heapq.heappop(timers).exchange
+        if exchange is not None:
+            exchange.on_timeout(now)
+
+
 class Exchange:
     """One question asked of the upstreams. Registers its socket in `selector` with itself as the data;
-    the loop calls `on_event` when the socket is ready and `on_timeout` once `deadline` has passed (the
-    exchange pushes each new (deadline, seq, self) onto `timers`). Ends by calling `done(self, response)`,
-    with None when every upstream failed."""
+    the loop calls `on_event` when the socket is ready, and `run_timers` calls `on_timeout` (the exchange
+    pushes a `Timer` onto the heap `timers` for each attempt). Ends by calling `done(self, response)`, with
+    None when every upstream failed."""
 
-    def __init__(self, selector: selectors.BaseSelector, timers: list[tuple[float, int, Exchange]],
+    def __init__(self, selector: selectors.BaseSelector, timers: list[Timer],
                  wire: bytes, servers: Sequence[Upstream], done: Callable[[Exchange, Response | None], None],
                  *, timeout: float = TIMEOUT) -> None:
         self.selector = selector
@@ -105,7 +132,7 @@ class Exchange:
         self.sock: socket.socket | None = None
         self.buf = bytearray()
         self.sent = 0
-        self.deadline = 0.0
+        self.timer: Timer | None = None
         self.finished = False
 
     def start(self, now: float) -> None:
@@ -119,11 +146,12 @@ class Exchange:
     # -- the attempts: UDP to each upstream, TCP to the same one when the UDP answer was truncated
 
     def _drop_socket(self) -> None:
+        if self.timer is not None:
+            self.timer.exchange = None
+            self.timer = None
         if self.sock is not None:
-            try:
+            with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(self.sock)
-            except (KeyError, ValueError):
-                pass
             self.sock.close()
             self.sock = None
 
@@ -158,8 +186,8 @@ class Exchange:
                 self.tcp = False
                 continue
             self.sock = sock
-            self.deadline = now + self.timeout
-            heapq.heappush(self.timers, (self.deadline, next(_SEQ), self))
+            self.timer = Timer(now + self.timeout, self)
+            heapq.heappush(self.timers, self.timer)
             return
         self._finish(None)
 
@@ -171,7 +199,7 @@ class Exchange:
         self.done(self, response)
 
     def on_timeout(self, now: float) -> None:
-        if not self.finished and now >= self.deadline:
+        if not self.finished:
             self._next(now)
 
     def on_event(self, mask: int, now: float) -> None:
@@ -182,6 +210,8 @@ class Exchange:
                 self._tcp_event(self.sock, mask, now)
             else:
                 self._udp_event(self.sock, now)
+        except (BlockingIOError, InterruptedError):
+            return  # a stale readiness event
         except OSError:
             self._next(now)  # refused (ICMP port unreachable), reset, unreachable: the next upstream
 
@@ -241,18 +271,16 @@ class Exchange:
 def ask(wire: bytes, servers: Sequence[Upstream], *, timeout: float = TIMEOUT) -> Response | None:
     """Blocking: the upstreams' answer to the question `wire` (a question section), or None."""
     selector = selectors.DefaultSelector()
-    timers: list[tuple[float, int, Exchange]] = []
+    timers: list[Timer] = []
     result: list[Response | None] = []
     exchange = Exchange(selector, timers, wire, servers, lambda _ex, r: result.append(r), timeout=timeout)
     try:
         exchange.start(time.monotonic())
         while not result:
-            wait = max(0.0, timers[0][0] - time.monotonic()) if timers else None
+            wait = max(0.0, timers[0].deadline - time.monotonic()) if timers else None
             for key, mask in selector.select(wait):
                 key.data.on_event(mask, time.monotonic())
-            now = time.monotonic()
-            while timers and timers[0][0] <= now:
-                heapq.heappop(timers)[2].on_timeout(now)
+            run_timers(timers, time.monotonic())
     finally:
         exchange.close()
         selector.close()

@@ -195,7 +195,9 @@ def test_world_has_namespaces_of_its_own(world: World) -> None:
         assert inside == str(os.stat(f"/proc/{world.pid}/ns/{kind}").st_ino)
 
 
-def test_host_layout(world: World) -> None:
+def test_host_layout(fresh_world: World) -> None:
+    # a world of its own: the session's world carries what earlier tests legitimately left (nsfw's lock file)
+    world = fresh_world
     snap = world.snapshot()
     assert snap["netns"] == [INET, LAN]
     links = {link["name"]: link for link in snap["links"]}
@@ -481,16 +483,30 @@ def test_stop_is_idempotent_and_leaves_nothing() -> None:
     w.stop()
     assert all(gone(pid) for pid in pids)
     assert not probe_dir.exists()
-    assert not any(_holds_netns(entry, netns) for entry in os.listdir("/proc") if entry.isdigit())
+    assert not any(_holds_ns(entry, "net", netns) for entry in os.listdir("/proc") if entry.isdigit())
     with pytest.raises(WorldError):
         w.run(["true"])
     with pytest.raises(WorldError):
         _ = w.pid
 
 
-def _holds_netns(pid: str, inode: int) -> bool:
+def test_world_process_death_takes_everything_with_it() -> None:
+    w = World().start()
+    pids = w.server_pids
+    inodes = {kind: os.stat(f"/proc/{w.pid}/ns/{kind}").st_ino for kind in ("net", "mnt")}
+    os.kill(w.pid, signal.SIGKILL)
+    assert wait_until(lambda: all(gone(pid) for pid in pids)), "server processes outlived the world process"
+    for kind, inode in inodes.items():
+        assert not any(_holds_ns(e, kind, inode) for e in os.listdir("/proc") if e.isdigit()), kind
+    with pytest.raises(WorldError, match="died"):
+        w.run(["true"])
+    w.stop()
+    w.stop()
+
+
+def _holds_ns(pid: str, kind: str, inode: int) -> bool:
     try:
-        return os.stat(f"/proc/{pid}/ns/net").st_ino == inode
+        return os.stat(f"/proc/{pid}/ns/{kind}").st_ino == inode
     except OSError:
         return False
 
@@ -515,7 +531,7 @@ def test_world_dies_with_its_owner() -> None:
         owner.send_signal(signal.SIGKILL)
         owner.wait()
     assert wait_until(lambda: all(gone(pid) for pid in pids)), "world processes outlived their owner"
-    assert wait_until(lambda: not any(_holds_netns(e, netns) for e in os.listdir("/proc") if e.isdigit()))
+    assert wait_until(lambda: not any(_holds_ns(e, "net", netns) for e in os.listdir("/proc") if e.isdigit()))
 
 
 def test_snapshot_is_steady_from_the_start(fresh_world: World) -> None:

@@ -329,6 +329,9 @@ def spec_zone(addr: int, version: int, env: HostEnv, gateways: Sequence[str]) ->
 def spec_verdict(pr: Profile, p: Pkt, env: HostEnv | None = None, gateways: Sequence[str] = ()) -> str:
     """The profile spec, read literally, for a new outgoing connection."""
     env = env or HostEnv()
+    gws = {int(ipaddress.ip_address(g)) for g in gateways if ipaddress.ip_address(g).version == p.version}
+    if p.daddr in gws and p.proto in (6, 17) and p.dport == 53:  # the sandbox's own resolver, always
+        return "accept"
     if p.version == 6 and not pr.ipv6:  # `ipv6: false`: no IPv6 at all
         return "deny"
     zone = spec_zone(p.daddr, p.version, env, gateways)
@@ -770,7 +773,8 @@ def test_input_from_the_veth_only_for_host_zone_ports(allow: list[str], deny: li
     cmds, t = host(prof(allow, deny, default="allow")), INST.table
     for proto, port in [("tcp", 631), ("tcp", 53), ("udp", 53), ("icmp", 0), ("tcp", 22), (132, 9), ("udp", 631)]:
         for gw in ("10.213.0.21", "192.168.1.10", "fd6e:7366:7700:5::1"):
-            want = "accept" if (proto, port) in opened else "drop"
+            resolver = gw in (str(INST.gateway4.ip), str(INST.gateway6.ip)) and port == 53 and proto != "icmp"
+            want = "accept" if (proto, port) in opened or resolver else "drop"
             p = pkt(gw, proto, port, saddr=OWN4 if "." in gw else OWN6, iif=INST.veth)
             assert run_hook(cmds, "input", p, t) == want, (allow, proto, port, gw)
             assert run_hook(cmds, "input", replace(p, state="established"), t) == "accept"

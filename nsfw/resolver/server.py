@@ -1,0 +1,747 @@
+"""The sandbox's policy resolver: answer DNS on already-bound sockets, granting addresses before they leave.
+
+One thread runs one selector loop over the UDP and TCP listening sockets, the TCP clients and the upstream
+questions in flight. Each turn of the loop reads what is ready (at most `udp_burst` datagrams per socket),
+decides every query, then flushes the turn's answers as one batch: one `grant` call for all the addresses
+the batch hands out, then the replies, then the log lines. Batching is what keeps a slow `grant` (an IPC
+round trip to the supervisor and a netlink transaction) from capping the query rate: under load the batches
+grow instead of the queue. No answer that hands out an address leaves before `grant` has returned; when it
+raises, those answers become SERVFAIL (fail closed: never hand out an address the kernel would refuse).
+
+Per query: the policy decides by name (any type). "refuse" and "deny" answer NXDOMAIN at once without asking
+upstream (with `learn_denied`, a denied name is still resolved, in the background of the loop, and its
+addresses granted to the set named "deny"). "allow" and "unlisted" are answered from the cache or upstream;
+a CNAME chain that passes through a denied name makes the whole answer NXDOMAIN. For "allow", every A/AAAA of
+the chain goes to each of the decision's sets with timeout = max(remaining TTL, 1) + 5 seconds, also when
+served from the cache, except the addresses `never_grant` refuses (DNS rebinding: the answer still goes out,
+the kernel blocks them). Identical questions in flight share one upstream question.
+
+Bounds, so that a flood or garbage costs at most CPU: the kernel's socket buffers are the only queue; at most
+`max_inflight` upstream questions and `max_waiters` clients per question (the excess is dropped, as an
+overloaded server does, and clients retry); at most `tcp_clients` TCP connections (the least recently active
+is closed to make room), each idle for at most `tcp_idle` seconds, with at most `tcp_pending` queries being
+answered and `tcp_outbuf` bytes unsent; the cache is an LRU of `cache_entries`. Malformed packets are dropped
+(no usable header) or answered FORMERR (a usable header), and never reach the policy.
+
+Query log: one JSON object per line, {"time": unix float, "name": str, "type": "A", "verdict":
+"allow|deny|unlisted|refuse", "rcode": "NOERROR|NXDOMAIN|SERVFAIL|...", "answers": [addresses], "cached": bool},
+plus "chain": [names] when a CNAME chain was followed. Bounded at `log_max_bytes` (10 MB): past it the file is
+cut down to its newest half (whole lines) when it is a readable regular file; truncated to empty with a note
+line when it cannot be read; and when it cannot be truncated either (a pipe), logging stops after a note line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import heapq
+import ipaddress
+import os
+import selectors
+import socket
+import stat
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+from . import TYPE_CHECKING, NamedTuple
+from .dnsmsg import (
+    CLASS_IN,
+    EDNS_SIZE,
+    NOERROR,
+    NOTIMP,
+    NXDOMAIN,
+    RD,
+    REFUSED,
+    SERVFAIL,
+    TC,
+    TYPE_OPT,
+    DnsFormatError,
+    Query,
+    Response,
+    error_reply,
+    follow_chain,
+    parse_query,
+    rcode_name,
+    rewrite,
+    type_name,
+)
+from .policy import Decision, Policy
+from .upstream import TIMEOUT, Exchange, Timer, run_timers
+from .upstream import upstreams as socket_addresses
+
+if TYPE_CHECKING:
+    import threading
+    from typing import Any, BinaryIO
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+DENY_SET = "deny"  # the set name learned addresses of denied names go to; the supervisor maps it
+GRANT_SLACK = 5  # seconds a grant outlives the TTL: the app connects a moment after it has the answer
+_META_TYPES = {251: NOTIMP, 252: NOTIMP, TYPE_OPT: REFUSED}  # IXFR, AXFR: not for a stub; OPT: not a question
+
+
+class Grant(NamedTuple):
+    """An address the sandbox may reach for `timeout` seconds, for the rule whose set is `set_name`. The
+    supervisor picks the IPv4 or IPv6 set from the address. (A NamedTuple: frozen, and cheap to import.)"""
+
+    set_name: str
+    address: str
+    timeout: int  # seconds
+
+
+class Limits(NamedTuple):
+    upstream_timeout: float = TIMEOUT
+    cache_entries: int = 10000
+    ttl_cap: int = 86400  # a day: longer TTLs are served (and granted) as a day
+    negative_ttl_cap: int = 300
+    max_inflight: int = 256
+    max_waiters: int = 64
+    udp_burst: int = 128
+    tcp_clients: int = 64
+    tcp_idle: float = 10.0
+    tcp_pending: int = 16
+    tcp_outbuf: int = 256 * 1024
+    log_max_bytes: int = 10 << 20
+
+
+# ---------------------------------------------------------------------------------------------- answers
+
+
+class _Answer:
+    """An upstream response with what every answer from it needs worked out once: the CNAME chain, whether
+    the chain is denied, its addresses (text, parsed, TTL), and how long it may be cached.
+
+    A cached answer is mostly served to the same client asking the same question again, within the same
+    second: the last rewritten reply and the last grants are kept, keyed by everything they depend on, so a
+    hot name costs a dict lookup and an id patch. (So `never_grant` is asked again once a second per name.)"""
+
+    __slots__ = ("addresses", "chain", "denied", "expires", "grant_key", "grant_memo", "reply_key", "reply_memo",
+                 "response", "stored", "texts")
+
+    def __init__(self, response: Response, now: float, policy: Policy, limits: Limits) -> None:
+        self.response = response
+        self.stored = now
+        chain, records = follow_chain(response.name, response.answers)
+        self.chain = chain
+        self.denied = policy.check_chain(chain) == "deny"
+        self.addresses = tuple((str(r.data), ipaddress.ip_address(str(r.data)), r.ttl) for r in records)
+        self.texts = tuple(a[0] for a in self.addresses)
+        self.expires = now + _lifetime(response, limits)
+        self.reply_key: tuple[object, ...] | None = None
+        self.reply_memo = b""
+        self.grant_key: tuple[object, ...] | None = None
+        self.grant_memo: list[Grant] = []
+
+    def reply(self, q: Query, elapsed: int, cap: int, limit: int) -> bytes:
+        key = (elapsed, q.question, q.flags & RD, q.edns is None, limit)
+        if key != self.reply_key:
+            self.reply_memo = rewrite(self.response, q, elapsed, cap, limit)
+            self.reply_key = key
+        return q.id.to_bytes(2, "big") + self.reply_memo[2:]
+
+    def grants(self, sets: tuple[str, ...], elapsed: int, cap: int,
+               never_grant: Callable[[IPAddress], bool]) -> list[Grant]:
+        """Every address of the chain for each set, timeout = max(remaining TTL, 1) + GRANT_SLACK, except those
+        `never_grant` refuses (or fails on: then the kernel blocks them, which is the safe side)."""
+        key = (elapsed, sets)
+        if key == self.grant_key:
+            return self.grant_memo
+        grants: list[Grant] = []
+        for text, ip, ttl in self.addresses:
+            try:
+                if never_grant(ip):
+                    continue
+            except Exception:
+                continue
+            left = (ttl if ttl < cap else cap) - elapsed
+            timeout = (left if left > 1 else 1) + GRANT_SLACK
+            grants += [Grant(s, text, timeout) for s in sets]
+        self.grant_key, self.grant_memo = key, grants
+        return grants
+
+
+def _lifetime(response: Response, limits: Limits) -> int:
+    """Seconds the response may be cached: its smallest answer TTL; for a negative answer (RFC 2308) the
+    SOA's, and none without a SOA; 0 (not cached) for a failure."""
+    negative = response.negative_ttl
+    if response.rcode not in (NOERROR, NXDOMAIN):
+        return 0
+    if response.rcode == NXDOMAIN or not response.answers:
+        return 0 if negative is None else min(negative, limits.negative_ttl_cap)
+    ttls = [r.ttl for r in response.answers]
+    if negative is not None:
+        ttls.append(negative)
+    return min(*ttls, limits.ttl_cap)
+
+
+class _Cache:
+    """LRU of answers keyed by (name, type, class), shared by every query of this sandbox."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: OrderedDict[tuple[str, int, int], _Answer] = OrderedDict()
+
+    def get(self, key: tuple[str, int, int], now: float) -> _Answer | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        if entry.expires <= now:
+            del self.entries[key]
+            return None
+        self.entries.move_to_end(key)
+        return entry
+
+    def put(self, key: tuple[str, int, int], entry: _Answer) -> None:
+        self.entries[key] = entry
+        self.entries.move_to_end(key)
+        if len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+
+# ---------------------------------------------------------------------------------------------- the log
+
+
+def _json_str(text: str) -> str:
+    # Names reach here escaped by dnsmsg ([a-z0-9-_*.\\] only), so this is all the encoding they need;
+    # `json` (and `re` behind it) stays unimported in the common case.
+    if text.isascii() and text.isprintable() and '"' not in text:
+        return '"' + text.replace("\\", "\\\\") + '"'
+    import json
+
+    return json.dumps(text)
+
+
+class _QueryLog:
+    def __init__(self, f: BinaryIO | None, limit: int) -> None:
+        self.f = f
+        self.limit = limit
+        self.size = 0
+        self.regular = False
+        if f is not None:
+            try:
+                st = os.fstat(f.fileno())
+                self.regular = stat.S_ISREG(st.st_mode)
+                self.size = st.st_size if self.regular else 0
+            except (OSError, ValueError):
+                pass
+
+    def write(self, lines: list[str]) -> None:
+        if self.f is None or not lines:
+            return
+        data = "".join(lines).encode()
+        try:
+            self.f.write(data)
+            self.f.flush()
+        except (OSError, ValueError):
+            self.f = None  # a full disk or a closed pipe must not take DNS down
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self._shrink()
+
+    def _note(self, text: str) -> bytes:
+        return f'{{"time": {time.time():.6f}, "note": "{text}"}}\n'.encode()
+
+    def _shrink(self) -> None:
+        f = self.f
+        assert f is not None
+        keep = self.limit // 2
+        try:
+            if not self.regular:
+                raise OSError(errno.ESPIPE, "not a regular file")
+            try:
+                f.seek(max(0, self.size - keep))
+                tail = f.read()
+                tail = tail[tail.find(b"\n") + 1:]  # whole lines only
+            except (OSError, ValueError):  # opened write-only: keep nothing, but keep logging
+                tail = self._note(f"log cut at {self.limit} bytes; older lines dropped")
+            f.seek(0)
+            f.truncate(0)
+            f.write(tail)
+            f.flush()
+            self.size = len(tail)
+        except (OSError, ValueError):
+            try:
+                f.write(self._note(f"log limit of {self.limit} bytes reached; no more lines"))
+                f.flush()
+            except (OSError, ValueError):
+                pass
+            self.f = None
+
+
+# ---------------------------------------------------------------------------------------------- clients
+
+
+class _UdpDest:
+    __slots__ = ("addr", "sock")
+
+    def __init__(self, sock: socket.socket, addr: tuple[Any, ...]) -> None:
+        self.sock = sock
+        self.addr = addr
+
+    @staticmethod
+    def limit(query: Query) -> int:
+        # the client's EDNS size, but no more than we advertise: larger answers go over TCP, unfragmented
+        return 512 if query.edns is None else min(query.edns, EDNS_SIZE)
+
+    def send(self, data: bytes) -> None:
+        try:  # noqa: SIM105 - the hot path: try/except is cheaper than contextlib.suppress
+            self.sock.sendto(data, self.addr)
+        except OSError:
+            pass  # a full send buffer or a vanished client: UDP clients retry
+
+    def release(self) -> None:
+        pass
+
+
+class _Out:
+    """One answer of the turn's batch. dest None: a learn-only item (grants, no reply, no log)."""
+
+    __slots__ = ("answers", "cached", "chain", "dest", "failed", "grants", "query", "rcode", "reply", "verdict")
+
+    def __init__(self, dest: _UdpDest | _TcpClient | None, query: Query, reply: bytes, grants: list[Grant],
+                 verdict: str, rcode: int, answers: Sequence[str] = (), cached: bool = False,
+                 chain: Sequence[str] = ()) -> None:
+        self.dest = dest
+        self.query = query
+        self.reply = reply
+        self.grants = grants
+        self.verdict = verdict
+        self.rcode = rcode
+        self.answers = answers
+        self.cached = cached
+        self.chain = chain
+        self.failed = False
+
+    def log_line(self, when: float) -> str:
+        q = self.query
+        answers = ", ".join(_json_str(a) for a in self.answers)
+        chain = f', "chain": [{", ".join(_json_str(c) for c in self.chain)}]' if len(self.chain) > 1 else ""
+        return (f'{{"time": {when:.6f}, "name": {_json_str(q.name)}, "type": "{type_name(q.qtype)}", '
+                f'"verdict": "{self.verdict}", "rcode": "{rcode_name(self.rcode)}", "answers": [{answers}], '
+                f'"cached": {"true" if self.cached else "false"}{chain}}}\n')
+
+
+class _TcpClient:
+    """One DNS-over-TCP connection: 2-byte length framing, several queries, answers in any order."""
+
+    def __init__(self, server: _Resolver, conn: socket.socket, now: float) -> None:
+        self.server = server
+        self.conn = conn
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.pending = 0
+        self.last = now
+        self.eof = False
+        self.closed = False
+        self.events = 0
+        self._interest()
+
+    @staticmethod
+    def limit(_query: Query) -> int:
+        return 65535
+
+    def on_event(self, mask: int, now: float) -> None:
+        if self.closed:
+            return
+        self.last = now
+        if mask & selectors.EVENT_WRITE:
+            self._write()
+        if mask & selectors.EVENT_READ and not self.closed:
+            self._read()
+
+    def _read(self) -> None:
+        try:
+            chunk = self.conn.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close()
+            return
+        if not chunk:
+            self.eof = True  # a client may half-close after its queries: answer them, then close
+        self.inbuf += chunk
+        self._frames()
+
+    def _frames(self) -> None:
+        limits = self.server.limits
+        while not self.closed and self.pending < limits.tcp_pending and len(self.inbuf) >= 2:
+            size = int.from_bytes(self.inbuf[:2], "big")
+            if size == 0:
+                self.close()
+                return
+            if len(self.inbuf) < 2 + size:
+                break
+            msg = bytes(self.inbuf[2:2 + size])
+            del self.inbuf[:2 + size]
+            self.pending += 1
+            self.server.handle(msg, self)
+        self._settle()
+
+    def _settle(self) -> None:
+        if self.closed:
+            return
+        if self.eof and self.pending == 0 and not self.outbuf:
+            self.close()
+        else:
+            self._interest()
+
+    def _interest(self) -> None:
+        events = 0
+        if not self.eof and self.pending < self.server.limits.tcp_pending:
+            events |= selectors.EVENT_READ
+        if self.outbuf:
+            events |= selectors.EVENT_WRITE
+        if events == self.events:
+            return
+        sel = self.server.sel
+        if not events:
+            sel.unregister(self.conn)
+        elif not self.events:
+            sel.register(self.conn, events, self)
+        else:
+            sel.modify(self.conn, events, self)
+        self.events = events
+
+    def _write(self) -> None:
+        try:
+            sent = self.conn.send(self.outbuf)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close()
+            return
+        del self.outbuf[:sent]
+        self._settle()
+
+    def send(self, data: bytes) -> None:
+        self.pending -= 1
+        if self.closed:
+            return
+        frame = len(data).to_bytes(2, "big") + data
+        if not self.outbuf:
+            try:
+                sent = self.conn.send(frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.close()
+                return
+            frame = frame[sent:]
+        self.outbuf += frame
+        if len(self.outbuf) > self.server.limits.tcp_outbuf:
+            self.close()  # a client that does not read its answers
+            return
+        self._frames()  # queries held back by the pending limit may go on now
+
+    def release(self) -> None:
+        self.pending -= 1
+        if not self.closed:
+            self._frames()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.events:
+            self.server.sel.unregister(self.conn)
+            self.events = 0
+        self.conn.close()
+        self.server.clients.pop(self, None)
+
+
+class _UdpListener:
+    def __init__(self, server: _Resolver, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+
+    def on_event(self, _mask: int, _now: float) -> None:
+        sock = self.sock
+        handle = self.server.handle
+        for _ in range(self.server.limits.udp_burst):
+            try:
+                data, addr = sock.recvfrom(4096)  # larger than any real query; a longer datagram is garbage
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            handle(data, _UdpDest(sock, addr))
+
+
+class _TcpListener:
+    def __init__(self, server: _Resolver, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+
+    def on_event(self, _mask: int, now: float) -> None:
+        server = self.server
+        for _ in range(16):
+            try:
+                conn, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # EMFILE and friends: the kernel keeps the connection queued for later
+            conn.setblocking(False)
+            if len(server.clients) >= server.limits.tcp_clients:
+                min(server.clients, key=lambda c: c.last).close()
+            server.clients[_TcpClient(server, conn, now)] = None
+
+
+# ---------------------------------------------------------------------------------------------- the resolver
+
+
+class _Pending:
+    __slots__ = ("exchange", "key", "waiters")
+
+    def __init__(self, key: tuple[str, int, int]) -> None:
+        self.key = key
+        self.waiters: list[tuple[Query, _UdpDest | _TcpClient | None, Decision]] = []
+        self.exchange: Exchange | None = None
+
+
+_LEARN = Decision("deny")
+_DENY_SETS = (DENY_SET,)
+_PARSED_MEMO = 1024
+
+
+class _Resolver:
+    def __init__(self, udp: Sequence[socket.socket], tcp: Sequence[socket.socket], policy: Policy,
+                 upstreams: Sequence[str], grant: Callable[[Sequence[Grant]], None], log: BinaryIO | None,
+                 learn_denied: bool, never_grant: Callable[[IPAddress], bool], limits: Limits) -> None:
+        self.policy = policy
+        self.servers = socket_addresses(upstreams)
+        self.grant = grant
+        self.log = _QueryLog(log, limits.log_max_bytes)
+        self.learn_denied = learn_denied
+        self.never_grant = never_grant
+        self.limits = limits
+        self.sel = selectors.DefaultSelector()
+        self.cache = _Cache(limits.cache_entries)
+        self.pending: dict[tuple[str, int, int], _Pending] = {}
+        self.parsed: dict[bytes, tuple[Query, Decision]] = {}
+        self.timers: list[Timer] = []
+        self.clients: dict[_TcpClient, None] = {}
+        self.out: list[_Out] = []
+        self.now = time.monotonic()
+        self.errors = 0
+        self.listeners: list[socket.socket] = []
+        for sock in udp:
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):  # room for a burst while the loop grants; as nobody: up to rmem_max
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            self.sel.register(sock, selectors.EVENT_READ, _UdpListener(self, sock))
+            self.listeners.append(sock)
+        for sock in tcp:
+            sock.setblocking(False)
+            self.sel.register(sock, selectors.EVENT_READ, _TcpListener(self, sock))
+            self.listeners.append(sock)
+
+    # -- the loop
+
+    def run(self, stop: threading.Event | None) -> None:
+        sweep = self.now + 1.0
+        try:
+            while stop is None or not stop.is_set():
+                wait = sweep - time.monotonic()
+                if self.timers:
+                    wait = min(wait, self.timers[0].deadline - time.monotonic())
+                if stop is not None:
+                    wait = min(wait, 0.25)
+                if self.out:  # answers queued while the last batch was sent (TCP queries held back)
+                    wait = 0.0
+                events = self.sel.select(max(wait, 0.0))
+                self.now = now = time.monotonic()
+                for key, mask in events:
+                    try:
+                        key.data.on_event(mask, now)
+                    except Exception as e:  # one bad packet or client must never stop the resolver
+                        self._error(e)
+                try:
+                    run_timers(self.timers, now)
+                except Exception as e:
+                    self._error(e)
+                self.flush()
+                if now >= sweep:
+                    sweep = now + 1.0
+                    self._sweep(now)
+        finally:
+            self._shutdown()
+
+    def _error(self, e: Exception) -> None:
+        self.errors += 1
+        if self.errors <= 20:  # enough to diagnose, not enough to fill a disk
+            print(f"nsfw resolver: {type(e).__name__}: {e}", file=sys.stderr)
+
+    def _sweep(self, now: float) -> None:
+        idle = [c for c in self.clients if c.pending == 0 and now - c.last > self.limits.tcp_idle]
+        for client in idle:
+            client.close()
+        if len(self.timers) > 4 * len(self.pending) + 1024:  # mostly cancelled: drop those now
+            self.timers[:] = [t for t in self.timers if t.exchange is not None]
+            heapq.heapify(self.timers)
+
+    def _shutdown(self) -> None:
+        for p in list(self.pending.values()):
+            if p.exchange is not None:
+                p.exchange.close()
+        self.pending.clear()
+        for client in list(self.clients):
+            client.close()
+        for sock in self.listeners:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(sock)
+        self.sel.close()
+
+    # -- one query
+
+    def handle(self, data: bytes, dest: _UdpDest | _TcpClient) -> None:
+        # A client asks the same few questions over and over, in byte-identical packets but for the id:
+        # parsing and deciding are done once per distinct packet (a bounded memo, dropped whole when full).
+        seen = self.parsed.get(data[2:])
+        if seen is not None:
+            q = seen[0]._replace(id=int.from_bytes(data[:2], "big"))
+            decision = seen[1]
+        else:
+            try:
+                q = parse_query(data)
+            except DnsFormatError as e:
+                reply = e.reply()
+                if reply is None:
+                    dest.release()
+                else:
+                    dest.send(reply)  # no question we could act on: not logged, nothing granted
+                return
+            if q.qclass != CLASS_IN or q.qtype in _META_TYPES:
+                rcode = _META_TYPES.get(q.qtype, REFUSED)
+                self.out.append(_Out(dest, q, error_reply(q, rcode), [], "refuse", rcode))
+                return
+            decision = self.policy.decide(q.name)
+            if len(self.parsed) >= _PARSED_MEMO:
+                self.parsed.clear()
+            self.parsed[data[2:]] = (q, decision)
+        verdict = decision.verdict
+        if verdict == "refuse" or verdict == "deny":
+            self.out.append(_Out(dest, q, error_reply(q, NXDOMAIN), [], verdict, NXDOMAIN))
+            if verdict == "deny" and self.learn_denied:
+                self._lookup(q, None, _LEARN)
+            return
+        self._lookup(q, dest, decision)
+
+    def _lookup(self, q: Query, dest: _UdpDest | _TcpClient | None, decision: Decision) -> None:
+        key = (q.name, q.qtype, q.qclass)
+        entry = self.cache.get(key, self.now)
+        if entry is not None:
+            self._answer(q, dest, decision, entry, True)
+            return
+        pending = self.pending.get(key)
+        if pending is None:
+            if len(self.pending) >= self.limits.max_inflight:
+                if dest is not None:
+                    dest.release()  # overloaded: drop, as a busy server does; the client retries
+                return
+            pending = _Pending(key)
+            pending.waiters.append((q, dest, decision))
+            self.pending[key] = pending
+            exchange = Exchange(self.sel, self.timers, q.wire, self.servers,
+                                lambda _ex, response: self._resolved(pending, response),
+                                timeout=self.limits.upstream_timeout)
+            pending.exchange = exchange
+            exchange.start(self.now)
+            return
+        if len(pending.waiters) >= self.limits.max_waiters:
+            if dest is not None:
+                dest.release()
+            return
+        pending.waiters.append((q, dest, decision))
+
+    def _resolved(self, pending: _Pending, response: Response | None) -> None:
+        self.pending.pop(pending.key, None)
+        if response is None:
+            for q, dest, _decision in pending.waiters:
+                if dest is not None:
+                    self.out.append(_Out(dest, q, error_reply(q, SERVFAIL), [], _decision.verdict, SERVFAIL))
+            return
+        entry = _Answer(response, self.now, self.policy, self.limits)
+        if entry.expires > self.now:
+            self.cache.put(pending.key, entry)
+        for q, dest, decision in pending.waiters:
+            self._answer(q, dest, decision, entry, False)
+
+    def _answer(self, q: Query, dest: _UdpDest | _TcpClient | None, decision: Decision, entry: _Answer,
+                cached: bool) -> None:
+        elapsed = int(self.now - entry.stored)
+        cap = self.limits.ttl_cap
+        if dest is None or entry.denied:
+            # learning a denied name (grants only), or a chain through a denied name (NXDOMAIN)
+            grants = entry.grants(_DENY_SETS, elapsed, cap, self.never_grant) if self.learn_denied else []
+            if dest is None:
+                self.out.append(_Out(None, q, b"", grants, "deny", NOERROR))
+            else:
+                self.out.append(_Out(dest, q, error_reply(q, NXDOMAIN), grants, "deny", NXDOMAIN, (), cached,
+                                     entry.chain))
+            return
+        reply = entry.reply(q, elapsed, cap, dest.limit(q))
+        grants = []
+        if decision.verdict == "allow" and not reply[2] & (TC >> 8):  # a TC reply hands out nothing
+            grants = entry.grants(decision.allow_sets, elapsed, cap, self.never_grant)
+        self.out.append(_Out(dest, q, reply, grants, decision.verdict, entry.response.rcode, entry.texts, cached,
+                             entry.chain))
+
+    # -- the batch
+
+    def flush(self) -> None:
+        """Grant every address of the turn's answers, then send them, then log them."""
+        out, self.out = self.out, []
+        if not out:
+            return
+        granting = [o for o in out if o.grants]
+        if granting:
+            try:
+                self.grant(_merge([g for o in granting for g in o.grants]))
+            except Exception:
+                if len(granting) == 1:
+                    granting[0].failed = True
+                else:  # find out whose grants fail, so that one bad member does not fail the whole batch
+                    for o in granting:
+                        try:
+                            self.grant(o.grants)
+                        except Exception:
+                            o.failed = True
+        lines: list[str] = []
+        wall = time.time()
+        logging = self.log.f is not None
+        for o in out:
+            dest = o.dest
+            if dest is None:
+                continue  # learn-only
+            if o.failed and o.verdict != "deny":  # a denied name's NXDOMAIN stands whatever learning did
+                o.reply = error_reply(o.query, SERVFAIL)
+                o.rcode = SERVFAIL
+                o.answers = ()
+            dest.send(o.reply)
+            if logging:
+                lines.append(o.log_line(wall))
+        self.log.write(lines)
+
+
+def _merge(grants: list[Grant]) -> list[Grant]:
+    """One grant per (set, address), with the longest timeout asked for."""
+    best: dict[tuple[str, str], int] = {}
+    for g in grants:
+        key = (g.set_name, g.address)
+        if best.get(key, -1) < g.timeout:
+            best[key] = g.timeout
+    if len(best) == len(grants):
+        return grants
+    return [Grant(s, a, t) for (s, a), t in best.items()]
+
+
+def serve(udp: Sequence[socket.socket], tcp: Sequence[socket.socket], *, policy: Policy,
+          upstreams: Sequence[str], grant: Callable[[Sequence[Grant]], None], log: BinaryIO | None,
+          learn_denied: bool, never_grant: Callable[[IPAddress], bool],
+          stop: threading.Event | None = None, limits: Limits | None = None) -> None:
+    """Serve DNS on the already-bound sockets `udp` and `tcp` (listening) until `stop` is set (forever
+    without one). `upstreams` are addresses as `upstream.parse_resolv_conf` returns them."""
+    _Resolver(udp, tcp, policy, upstreams, grant, log, learn_denied, never_grant, limits or Limits()).run(stop)
