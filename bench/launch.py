@@ -44,7 +44,7 @@ def inner(rounds: int) -> int:
     """Runs on the simulated host: time each contender, round-robin."""
     cmds = contenders()
     times: dict[str, list[float]] = {name: [] for name in cmds}
-    for name, argv in cmds.items():  # one untimed run each: page cache, first-run files
+    for argv in cmds.values():  # one untimed run each: page cache, first-run files
         subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
     for _ in range(rounds):
         for name, argv in cmds.items():
@@ -57,7 +57,8 @@ def inner(rounds: int) -> int:
 
 def table(times: dict[str, list[float]], anchor: str) -> str:
     base = statistics.median(times[anchor]) if anchor in times else None
-    rows = [f"| {'command':40} | median ms | min ms | max ms | ratio to firejail |", f"|{'-' * 42}|---:|---:|---:|---:|"]
+    rows = [f"| {'command':40} | median ms | min ms | max ms | ratio to firejail |",
+            f"|{'-' * 42}|---:|---:|---:|---:|"]
     for name, samples in times.items():
         med = statistics.median(samples)
         ratio = f"{med / base:.2f}" if base else "n/a"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,16 +18,33 @@ from .world import World
 
 NSFW = str(Path(__file__).resolve().parent.parent / "bin" / "nsfw")
 PROFILES = ("default", "web", "lan-only", "offline")
-# (column title, probe kind, address, port)
+# A domain rule at work: the name opens its addresses, on its port, for this sandbox only.
+NAMES_PROFILE = ("names (demo)", """\
+description: "Demo: one service, by name"
+allow:
+  - {host: allowed.test, ports: [443], proto: tcp}
+deny: [lan]
+""")
+# (column title, probe kind, address, port), probed in this order inside each sandbox
 DESTINATIONS = (
-    ("web 192.0.2.10:443", "tcp", "192.0.2.10", "443"),
-    ("ssh 203.0.113.30:22", "tcp", "203.0.113.30", "22"),
-    ("ntp 198.51.100.20/udp", "udp", "198.51.100.20", "123"),
-    ("web [2001:db8::10]:443", "tcp", "2001:db8::10", "443"),
-    ("home LAN 10.77.0.10:80", "tcp", "10.77.0.10", "80"),
+    ("allowed.test:443", "tcpname", "allowed.test", "443"),
+    ("other.test:443", "tcpname", "other.test", "443"),
+    ("192.0.2.10:443", "tcp", "192.0.2.10", "443"),
+    ("ssh 203.0.113.30", "tcp", "203.0.113.30", "22"),
+    ("ntp 198.51.100.20", "udp", "198.51.100.20", "123"),
+    ("[2001:db8::10]:443", "tcp", "2001:db8::10", "443"),
+    ("LAN 10.77.0.10:80", "tcp", "10.77.0.10", "80"),
     ("the host :631", "tcp", "198.18.0.2", "631"),
 )
 RESULT = {0: "reached", 1: "refused", 2: "timeout", 3: "blocked"}
+
+
+def _cell(kind: str, code: str) -> str:
+    if kind == "tcpname" and code == "1":
+        return "no such name"  # the sandbox's resolver refused it
+    if kind == "tcpname" and code == "2":
+        return "no resolver"
+    return RESULT.get(int(code), f"code {code}")
 
 
 def _row(world: World, profile: str) -> list[str]:
@@ -39,7 +57,7 @@ def _row(world: World, profile: str) -> list[str]:
     codes = done.stdout.split()
     if done.returncode != 0 or len(codes) != len(DESTINATIONS):
         return [f"error: {done.stderr.strip() or done.returncode}"] + [""] * (len(DESTINATIONS) - 1)
-    return [RESULT.get(int(c), f"code {c}") for c in codes]
+    return [_cell(d[1], c) for d, c in zip(DESTINATIONS, codes, strict=True)]
 
 
 def main() -> int:
@@ -50,8 +68,14 @@ def main() -> int:
     print("Building a simulated world: a host whose only uplink is a simulated internet (192.0.2.0/24,\n"
           "198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32) and a home network (10.77.0.0/24). Nothing here\n"
           "touches this machine's own network.\n")
-    with World() as world, ThreadPoolExecutor(len(PROFILES)) as pool:
-        rows = dict(zip(PROFILES, pool.map(lambda p: _row(world, p), PROFILES), strict=True))
+    with tempfile.TemporaryDirectory(prefix="nsfw-demo-") as tmp, World() as world, \
+            ThreadPoolExecutor(len(PROFILES) + 1) as pool:
+        os.chmod(tmp, 0o755)
+        names_path = os.path.join(tmp, "names-demo.yaml")
+        with open(names_path, "w") as f:
+            f.write(NAMES_PROFILE[1])
+        refs = {**{p: p for p in PROFILES}, NAMES_PROFILE[0]: names_path}
+        rows = dict(zip(refs, pool.map(lambda r: _row(world, r), refs.values()), strict=True))
         leftovers = world.snapshot()
     header = ["profile", *(d[0] for d in DESTINATIONS)]
     table = [header] + [[p, *cells] for p, cells in rows.items()]
@@ -60,8 +84,12 @@ def main() -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    print("\nEach row is one application sandbox started with `nsfw run -p PROFILE`, probing each destination\n"
-          "with a real connection from inside. 'blocked' means the sandbox's own ruleset refused it in the kernel.")
+    print("\nEach row is one sandbox, started with `nsfw run -p PROFILE`, connecting from inside to each\n"
+          "destination in turn, left to right: the first two by name, the others by address.\n"
+          "'blocked': the sandbox's own ruleset refused it, in the kernel. 'no such name': the sandbox's\n"
+          "resolver refused a name that no rule allows, without asking anyone. In the last row, 192.0.2.10:443\n"
+          "opened because that sandbox had just looked up allowed.test, whose address it is: a domain rule\n"
+          "becomes an address in that sandbox's ruleset, for as long as the DNS record lives.")
     sandboxes = leftovers.get("netns", [])
     ok = all("error" not in c for cells in rows.values() for c in cells)
     if any(str(n).startswith("nsfw") for n in sandboxes):

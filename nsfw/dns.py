@@ -9,6 +9,7 @@ has the elements, so the app can connect the moment it has the answer.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -24,7 +25,7 @@ from typing import Any
 from . import caps, launch, nft
 from .compile import FAMILY, TABLE, grant_set, name_groups
 from .errors import SetupError
-from .names import IPAddress, Instance
+from .names import Instance, IPAddress
 from .profile import Profile
 
 NOBODY = launch.User(uid=65534, gid=65534, name="nobody", home="/nonexistent", groups=(65534,))
@@ -301,7 +302,7 @@ def start(inst: Instance, netns_path: str, profile: Profile, host_addresses: Seq
             serve(udp, tcp, policy=policy, upstreams=upstreams, grant=_remote_grant(theirs), log=log,
                   learn_denied=open_names, never_grant=never)
             code = 0
-        except BaseException:  # noqa: BLE001 - whatever happens, this process must not return into nsfw
+        except BaseException:
             code = 1
         finally:
             os._exit(code)
@@ -332,10 +333,8 @@ def _keep_only(keep: set[int]) -> None:
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd > 2 and fd not in keep:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 SETUP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)

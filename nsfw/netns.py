@@ -12,8 +12,8 @@ from typing import Any
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .errors import SetupError
 from .caps import CLONE_NEWNET, setns
+from .errors import SetupError
 from .names import SANDBOX_IF, HostEnv, IPNetwork
 
 NETNS_DIR = "/run/netns"

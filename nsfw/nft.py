@@ -10,8 +10,8 @@ import json
 import os
 from typing import Any
 
-from .errors import SetupError
 from .caps import CLONE_NEWNET, CLONE_NEWUSER, unshare
+from .errors import SetupError
 
 
 def _ctx(json_out: bool = True) -> Any:

@@ -29,6 +29,11 @@ RCODE_MASK = 0x000F
 EDNS_SIZE = 1232
 MAX_NAME = 255  # wire octets, length bytes and the root's zero included (RFC 1035 2.3.4)
 MAX_LABEL = 63
+# Pointers followed within one name. Encoders emit one per name (and the suffix it lands on perhaps one more);
+# the bound keeps a crafted 64 KB message of pointers to pointers from costing quadratic time.
+MAX_POINTERS = 32
+# Records a query may carry (OPT, perhaps a TSIG or a cookie-bearing OPT): more is no query of a stub's.
+MAX_QUERY_RECORDS = 8
 
 TYPE_NAMES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA", 33: "SRV",
               35: "NAPTR", 41: "OPT", 43: "DS", 46: "RRSIG", 47: "NSEC", 48: "DNSKEY", 64: "SVCB", 65: "HTTPS",
@@ -94,6 +99,7 @@ def read_name(msg: bytes, pos: int) -> tuple[str, int]:
     octets = 1  # the root's zero byte
     end = -1
     segment = pos  # a pointer must land strictly before the segment that holds it: no loops, no forward jumps
+    jumps = 0
     while True:
         if pos >= size:
             raise DnsFormatError("name runs past the end of the message")
@@ -115,6 +121,9 @@ def read_name(msg: bytes, pos: int) -> tuple[str, int]:
             target = ((n & 0x3F) << 8) | msg[pos + 1]
             if not 12 <= target < segment:
                 raise DnsFormatError("compression pointer that loops or points forwards")
+            jumps += 1
+            if jumps > MAX_POINTERS:
+                raise DnsFormatError("too many compression pointers in one name")
             if end < 0:
                 end = pos + 2
             pos = segment = target
@@ -190,8 +199,8 @@ def parse_query(msg: bytes) -> Query:
     qtype, qclass = _QTAIL.unpack_from(msg, pos)
     name_end = pos
     pos += 4
-    if (an + ns + ar) * 11 > len(msg) - pos:
-        raise DnsFormatError("record counts larger than the message", qid, flags)
+    if an + ns + ar > MAX_QUERY_RECORDS or (an + ns + ar) * 11 > len(msg) - pos:
+        raise DnsFormatError("more records than a query has, or than the message holds", qid, flags)
     edns: int | None = None
     try:
         for i in range(an + ns + ar):

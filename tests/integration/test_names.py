@@ -159,7 +159,8 @@ def test_none_sandbox_fails_names_at_once(world: Any) -> None:
 
 
 @contextmanager
-def live(world: Any, profile: str, script: str = "echo ready; read _") -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
+def live(world: Any, profile: str,
+         script: str = "echo ready; read _") -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
     """A sandbox that stays up while the test looks at it from the host side."""
     proc = world.popen([NSFW, "run", "-p", profile, "--", "sh", "-c", script],
                        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, stdin=subprocess.PIPE,

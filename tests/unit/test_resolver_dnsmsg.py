@@ -56,7 +56,6 @@ def test_query_fields_lower_case_name_and_question_echo() -> None:
 
 def test_query_edns_size_and_root() -> None:
     assert dnsmsg.parse_query(query("example.org", edns=True)).edns == 4096
-    small = query("example.org")[:-0] + b""
     small = struct.pack("!6H", 1, 0, 1, 0, 0, 1) + name("a.org") + struct.pack("!HH", 1, 1)
     small += b"\0" + struct.pack("!HHIH", 41, 100, 0, 0)
     assert dnsmsg.parse_query(small).edns == 512  # below 512 means 512 (RFC 6891)
@@ -95,6 +94,7 @@ def test_unusable_header_means_silence(packet: bytes) -> None:
     (query("example.org", qid=9, edns=True)[:-4], dnsmsg.FORMERR),  # truncated OPT
     (query("example.org", qid=9, edns=True) + OPT, dnsmsg.FORMERR),  # count says 1, two follow
     (struct.pack("!6H", 9, 0x0100, 1, 0, 0, 0xFFFF) + name("a.org") + b"\0\1\0\1" + OPT, dnsmsg.FORMERR),
+    (struct.pack("!6H", 9, 0x0100, 1, 0, 0, 9) + name("a.org") + b"\0\1\0\1" + OPT * 9, dnsmsg.FORMERR),
 ])
 def test_bad_question_with_usable_header_gets_an_error_answer(packet: bytes, rcode: int) -> None:
     with pytest.raises(DnsFormatError) as e:
@@ -175,6 +175,23 @@ def test_mutual_pointers_raise() -> None:
     body = rr(bytes([0xC0, a_at + 16]), 1, 60, bytes(4)) + rr(bytes([0xC0, a_at]), 1, 60, bytes(4))
     with pytest.raises(DnsFormatError):
         dnsmsg.parse_response(response(q, []) + body)
+
+
+def test_pointer_chains_are_bounded() -> None:
+    # a 64 KB response whose every owner points at the previous owner, itself a pointer: without a bound on
+    # pointers per name, walking it would take quadratic time
+    q = name("a.test")
+    first = 12 + len(q) + 4
+    records = [rr(b"\xc0\x0c", 1, 60, bytes(4))]
+    at = first
+    while at < 60000:
+        records.append(rr(bytes([0xC0 | at >> 8, at & 0xFF]), 1, 60, bytes(4)))
+        at += len(records[-1])
+    msg = struct.pack("!6H", 1, 0x8180, 1, len(records), 0, 0) + q + b"\0\1\0\1" + b"".join(records)
+    with pytest.raises(DnsFormatError, match="too many compression pointers"):
+        dnsmsg.parse_response(msg)
+    shallow = struct.pack("!6H", 1, 0x8180, 1, 20, 0, 0) + q + b"\0\1\0\1" + b"".join(records[:20])
+    assert len(dnsmsg.parse_response(shallow).answers) == 20
 
 
 def test_name_longer_than_255_through_compression_raises() -> None:
