@@ -24,7 +24,8 @@ Zone = Literal["internet", "lan", "host", "any"]
 Proto = Literal["tcp", "udp", "icmp", "any"]
 ZONES: tuple[str, ...] = ("internet", "lan", "host", "any")
 PROTOS: tuple[str, ...] = ("tcp", "udp", "icmp", "any")
-TOP_KEYS = ("version", "description", "include", "command", "network", "default", "allow", "deny", "ipv6", "log")
+TOP_KEYS = ("version", "description", "include", "command", "network", "default", "allow", "deny", "remove", "ipv6",
+            "log")
 RULE_KEYS = ("zone", "cidr", "host", "ports", "proto")
 MAX_INCLUDE_DEPTH = 8
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "profiles"
@@ -48,6 +49,11 @@ class Rule:
     @property
     def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         return ipaddress.ip_network(self.value)
+
+    @property
+    def key(self) -> tuple[str, str, str, tuple[tuple[int, int], ...]]:
+        """What the rule means, whatever file it came from: `remove:` matches on this."""
+        return self.kind, self.value, self.proto, self.ports
 
 
 @dataclass(frozen=True)
@@ -349,6 +355,7 @@ class _Raw:
     data: bytes
     keys: dict[str, Any]
     includes: list[tuple[str, tuple[Any, ...], int]]  # name, key path, line
+    lines: dict[tuple[Any, ...], int]
 
 
 def parse_file(path: Path, data: bytes) -> tuple[_Raw | None, list[ProfileError]]:
@@ -390,7 +397,7 @@ def parse_file(path: Path, data: bytes) -> tuple[_Raw | None, list[ProfileError]
     includes: list[tuple[str, tuple[Any, ...], int]] = []
     for i, name in enumerate(keys.pop("include", [])):
         includes.append((name, ("include", i), lines.get(("include", i), lines.get(("include",), 0))))
-    return _Raw(path, data, keys, includes), c.errors
+    return _Raw(path, data, keys, includes, lines), c.errors
 
 
 _INVALID = object()
@@ -429,6 +436,19 @@ def _parse_top(key: str, value: Any, c: _Collector) -> Any:
             c.add(path, f"'{value}' is not allowed here", _suggest(str(value), _CHOICES[key]))
             return _INVALID
         return value.lower()
+    if key == "remove":
+        if not isinstance(value, dict) or not set(value) <= {"allow", "deny"}:
+            c.add(path, "must be a mapping with allow: and/or deny: lists",
+                  "write e.g. remove: {allow: [{zone: host, ports: [631], proto: tcp}]}")
+            return _INVALID
+        out: dict[str, list[tuple[Rule, tuple[Any, ...]]]] = {}
+        for which, items in value.items():
+            if not isinstance(items, list):
+                c.add((*path, which), "must be a list of rules", "write the rules as they are written where included")
+                return _INVALID
+            parsed = [(parse_rule(item, c, (key, which, i)), (key, which, i)) for i, item in enumerate(items)]
+            out[which] = [(r, p) for r, p in parsed if r is not None]
+        return out
     if key == "ipv6":
         if not isinstance(value, bool):
             c.add(path, f"'{value}' is not true or false", "write ipv6: true or ipv6: false")
@@ -526,6 +546,16 @@ def _load_tree(path: Path, dirs: Sequence[Path], read: Reader, stack: list[Path]
         keys = _merge(keys, sub_keys)
         files += sub_files
         digest.update(sub_digest.digest())
+    for which, removals in raw.keys.pop("remove", {}).items():
+        inherited: list[Rule] = keys.get(which, [])
+        for rule, key_path in removals:
+            kept = [r for r in inherited if r.key != rule.key]
+            if len(kept) == len(inherited):
+                errors.append(ProfileError(str(path), f"{_format_key(key_path)} (line {raw.lines.get(key_path, '?')})",
+                                           f"removes a rule that no included profile has in {which}:",
+                                           "write it exactly as the included profile does (see `nsfw rules`)"))
+            inherited = kept
+        keys[which] = inherited
     keys = _merge(keys, raw.keys)
     digest.update(raw.data)
     return keys, [*files, str(path)], digest

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-STATE_DIR = os.environ.get("NSFW_STATE_DIR", "/run/nsfw")
+STATE_DIR = "/run/nsfw"  # fixed: root writes here, so no environment variable may move it
 SANDBOXES = "sandboxes"
 FORWARDING = "forwarding.json"
 
