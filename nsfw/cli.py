@@ -16,6 +16,7 @@ import click
 
 from . import __version__
 from . import profile as profiles
+from .cli_desktop import desktop
 from .errors import NsfwError, PrivilegeError
 
 RUN_FAILED = 125  # nsfw failed before COMMAND started
@@ -131,6 +132,17 @@ def demo() -> None:
     from . import demo as demo_mod
 
     sys.exit(demo_mod.main())
+
+
+@cli.command()
+def doctor() -> None:
+    """Check what this machine needs for nsfw and what gets in its way, each with the fix."""
+    from . import doctor as doctor_mod
+
+    sys.exit(doctor_mod.main())
+
+
+cli.add_command(desktop)
 
 
 def main() -> None:
