@@ -52,9 +52,13 @@ def _dirs(home: str | None = None) -> list[Path]:
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("-p", "--profile", "ref", metavar="NAME|PATH", help="Profile to apply (default: named after COMMAND).")
+@click.option("--new", is_flag=True, help="Start a separate sandbox instead of joining your running one.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(ref: str | None, command: tuple[str, ...]) -> None:
+def run(ref: str | None, new: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND as you, inside a sandbox built from a profile.
+
+    A second run of a profile you already run joins that sandbox (same namespace and rules), as
+    single-instance applications hand new windows to their running process anyway; --new starts another.
 
     Exit status: COMMAND's own; 128+N when it died of signal N; 125 when nsfw failed before COMMAND started;
     126 when COMMAND is not executable; 127 when it is not found.
@@ -87,7 +91,7 @@ def run(ref: str | None, command: tuple[str, ...]) -> None:
 
     from . import sandbox  # pyroute2 and libnftables: only a real run pays for them
 
-    sys.exit(sandbox.run(prof, argv, user, os.environ))
+    sys.exit(sandbox.run(prof, argv, user, os.environ, new=new))
 
 
 @cli.command()
@@ -132,6 +136,75 @@ def demo() -> None:
     from . import demo as demo_mod
 
     sys.exit(demo_mod.main())
+
+
+def _root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise PrivilegeError(f"nsfw {what} needs root: run `sudo nsfw {what}`")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024 or unit == "G":
+            return f"{n}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _uptime(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="A stable list of objects (see the README).")
+def ps(as_json: bool) -> None:
+    """List running sandboxes, with what their rulesets allowed and denied (counters need root)."""
+    from . import control
+
+    rows = control.listing(counters=os.geteuid() == 0)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    head = ("ID", "PROFILE", "USER", "PID", "NET", "ADDRESSES", "UPTIME", "ALLOWED", "DENIED", "COMMAND")
+    table = [head] + [(
+        r["id"], r["profile"], r["user"], str(r["pid"] or "-"), r["network"], ",".join(r["addresses"]) or "-",
+        _uptime(r["uptime_seconds"]),
+        f"{r['allowed']['packets']}p/{_size(r['allowed']['bytes'])}" if r["allowed"] else "-",
+        f"{r['denied']['packets']}p/{_size(r['denied']['bytes'])}" if r["denied"] else "-",
+        " ".join(r["command"])) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
+    for row in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+
+
+@cli.command()
+@click.argument("ref", metavar="ID|PROFILE")
+@click.option("--grace", default=5.0, show_default=True, metavar="SECONDS",
+              help="How long processes get to exit after SIGTERM before SIGKILL.")
+def stop(ref: str, grace: float) -> None:
+    """End a sandbox's processes (TERM, then KILL after the grace period) and remove it."""
+    from . import control
+
+    _root("stop")
+    for record in control.matching(ref):
+        control.stop(record, grace)
+        click.echo(f"stopped {record.id} ({record.profile})")
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Say what would be removed, remove nothing.")
+def gc(dry_run: bool) -> None:
+    """Remove everything of sandboxes whose processes are gone. Safe at any moment; a second run finds nothing."""
+    from . import reconcile
+
+    _root("gc")
+    report = reconcile.gc(dry_run=dry_run)
+    for record, removed in report:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {record.id} ({record.profile}): "
+                   f"{', '.join(removed) or 'its record'}")
+    if not report:
+        click.echo("nothing to do")
 
 
 @cli.command()

@@ -230,7 +230,7 @@ def _zone_chain(chain: str, profile: Profile) -> list[Cmd]:
                                    _verdict("accept")))
     rules += _cells_rule(chain, _zone_cells(profile.allow, chain), "accept")
     final = "accept" if profile.default == "allow" and chain != "to_host" else "reject"
-    rules.append(_rule(chain, {"counter": None}, _verdict(final)))
+    rules.append(_rule(chain, _verdict(final)))
     for i, rule in enumerate(rules):  # nothing after a verdict that every packet takes
         if len(rule["add"]["rule"]["expr"]) == 1:
             return rules[: i + 1]
@@ -297,9 +297,28 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
         _rule("input", _match(_meta("iif"), "lo"), _verdict("accept")),
         _rule("input", ESTABLISHED, _verdict("accept")),
         _rule("input", ND, _verdict("accept")),
-        _rule("input", {"counter": None}, _verdict("drop")),
+        _rule("input", _verdict("drop")),
     ]
-    return cmds
+    return _counted(cmds)
+
+
+COUNTERS = {"accept": "allowed", "reject": "denied"}
+
+
+def _counted(cmds: list[Cmd]) -> list[Cmd]:
+    """Every verdict on what the sandbox sends, but loopback and neighbour discovery, adds to one of two named
+    counters, `allowed` and `denied`, which `nsfw ps` reads."""
+    out: list[Cmd] = [cmds[0]]
+    out += [{"add": {"counter": {"family": FAMILY, "table": TABLE, "name": n}}} for n in COUNTERS.values()]
+    for cmd in cmds[1:]:
+        rule = cmd.get("add", {}).get("rule")
+        if rule and rule["chain"] != "input" and rule["expr"][0] not in (_match(_meta("oif"), "lo"), ND):
+            verdict = next(iter(rule["expr"][-1]))
+            exprs = [e for e in rule["expr"] if "counter" not in e]
+            if verdict in COUNTERS:
+                rule["expr"] = [*exprs[:-1], {"counter": COUNTERS[verdict]}, exprs[-1]]
+        out.append(cmd)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- host side

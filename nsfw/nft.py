@@ -90,3 +90,12 @@ def render(cmds: list[dict[str, Any]]) -> str:
         raise SetupError(f"cannot render the ruleset: {data[1:].strip() or 'no output'} "
                          "(use --json, or run as root where user namespaces are disabled)")
     return data
+
+
+def named_counters(table: str, family: str = "inet") -> dict[str, dict[str, int]]:
+    """{name: {"packets": N, "bytes": N}} for the named counters of `table` in the current namespace."""
+    rc, out, _err = _ctx().cmd(f"list counters table {family} {table}")
+    if rc != 0 or not out:
+        return {}
+    return {item["counter"]["name"]: {"packets": item["counter"]["packets"], "bytes": item["counter"]["bytes"]}
+            for item in json.loads(out)["nftables"] if "counter" in item}

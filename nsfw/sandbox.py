@@ -1,26 +1,31 @@
-"""The root supervisor of one `nsfw run`: build the sandbox, start COMMAND in it, wait, remove everything.
+"""The root supervisor of one `nsfw run`: build the sandbox (or join the user's running one), start COMMAND
+in it, wait, then hand the sandbox to its keeper, which removes it when its last process ends.
 
 Every acquire is followed at once by the registration of its release, so whatever fails (or whichever signal
 arrives) during setup, the ExitStack removes exactly what was made, in reverse order, and COMMAND never starts.
 The record is written before the kernel objects it names, so a supervisor killed outright leaves a record from
-which `reap_dead` (run by every launch) removes the rest by name.
+which `nsfw gc` (and every later launch) removes the rest by name. Once COMMAND runs, the keeper owns it all.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from . import compile as rules
-from . import dns, launch, netns, nft, state
+from . import dns, forwarding, keeper, launch, netns, nft, reconcile, state
 from .errors import NsfwError, SetupError
 from .names import PREFIX, HostEnv, Instance, allocate_slot, new_id
 from .profile import Profile
 
 SETUP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+SETUP_STEPS = ("record", "netns", "veth", "host-rules", "forwarding", "sandbox-rules", "keeper", "command")
+KEEPER_TIMEOUT = 10.0
 
 
 class Interrupted(NsfwError):
@@ -29,106 +34,13 @@ class Interrupted(NsfwError):
         self.exit_code = 128 + signum
 
 
-SETUP_STEPS = ("record", "netns", "veth", "host-rules", "forwarding", "resolver", "sandbox-rules")
-
-
 def _fault(step: str) -> None:
-    """Test-only switches: fail or die at a chosen step of the setup, to prove that a failure removes exactly
-    what was built (fail closed) and that a killed supervisor leaves only what clean-up by name removes."""
+    """Test-only switches: fail or die at a chosen step, to prove that a failure removes exactly what was built
+    (fail closed) and that a killed supervisor leaves only what clean-up by name removes."""
     if os.environ.get("NSFW_TEST_FAIL_AT") == step:
         raise SetupError(f"injected failure at step '{step}' (NSFW_TEST_FAIL_AT)")
     if os.environ.get("NSFW_TEST_KILL_AT") == step:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-# ---------------------------------------------------------------------------------------------- host forwarding
-
-
-def _enable_forwarding(ipv6: bool) -> None:
-    """Turn on forwarding for the sandboxes, remembering first what it was, so the last sandbox can put it back.
-    Where nsfw had to turn it on, a guard table keeps the host from forwarding anything else."""
-    with state.locked():
-        saved = state.load_forwarding() or {}
-        before = dict(saved)
-        if "ipv4" not in saved:
-            saved["ipv4"] = netns.read_sysctl("net.ipv4.ip_forward") or "0"
-        if ipv6 and "ipv6" not in saved:
-            saved["ipv6"] = netns.read_sysctl("net.ipv6.conf.all.forwarding") or "0"
-            # forwarding=1 makes the kernel ignore router advertisements where accept_ra=1; 2 keeps them
-            saved["accept_ra"] = [i for i in _interfaces() if netns.read_sysctl(f"net.ipv6.conf.{i}.accept_ra") == "1"]
-        if saved != before:
-            state.save_forwarding(saved)
-        netns.write_sysctl("net.ipv4.ip_forward", "1")
-        if ipv6:
-            for iface in saved.get("accept_ra", []):
-                netns.write_sysctl(f"net.ipv6.conf.{iface}.accept_ra", "2")
-            netns.write_sysctl("net.ipv6.conf.all.forwarding", "1")
-        families = [f for f, key in (("ipv4", "ipv4"), ("ipv6", "ipv6")) if saved.get(key) == "0"]
-        if families:
-            nft.apply(rules.guard_ruleset(families), "forwarding guard")
-
-
-def _interfaces() -> list[str]:
-    try:
-        return sorted(i for i in os.listdir("/proc/sys/net/ipv6/conf") if i not in ("all", "default"))
-    except FileNotFoundError:
-        return []
-
-
-def _restore_forwarding() -> None:
-    """With no sandbox left, put forwarding back as nsfw found it. Caller holds the lock. Never raises."""
-    saved = state.load_forwarding()
-    if saved is None:
-        return
-    try:
-        if "ipv6" in saved:
-            netns.write_sysctl("net.ipv6.conf.all.forwarding", saved["ipv6"])
-            for iface in saved.get("accept_ra", []):
-                if netns.read_sysctl(f"net.ipv6.conf.{iface}.accept_ra") is not None:
-                    netns.write_sysctl(f"net.ipv6.conf.{iface}.accept_ra", "1")
-        netns.write_sysctl("net.ipv4.ip_forward", saved["ipv4"])
-    except NsfwError:
-        return
-    nft.delete_table(rules.GUARD_TABLE)
-    state.drop_forwarding()
-
-
-# ---------------------------------------------------------------------------------------------- teardown
-
-
-def remove_objects(record: state.Record) -> list[str]:
-    """Delete by name everything a record describes, in reverse order of creation. Idempotent, never raises."""
-    removed = []
-    if record.table and nft.delete_table(record.table):
-        removed.append(f"table inet {record.table}")
-    if record.veth and netns.delete_link(record.veth):
-        removed.append(f"link {record.veth}")
-    if netns.remove(record.netns):
-        removed.append(f"netns {record.netns}")
-    if state.drop_dir(record.id):
-        removed.append(f"files {state.sandbox_dir(record.id)}")
-    return removed
-
-
-def _release(record: state.Record) -> None:
-    with state.locked():
-        state.drop(record.id)
-        if not state.records():
-            _restore_forwarding()
-
-
-def reap_dead() -> list[state.Record]:
-    """Remove the sandboxes whose supervisors are gone. Caller holds the lock. Cheap when there are none."""
-    dead = [r for r in state.records() if not state.alive(r)]
-    for record in dead:
-        remove_objects(record)
-        state.drop(record.id)
-    if dead and not state.records():
-        _restore_forwarding()
-    return dead
-
-
-# ---------------------------------------------------------------------------------------------- launch
 
 
 @contextmanager
@@ -154,23 +66,103 @@ def _signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def run(profile: Profile, argv: Sequence[str], user: launch.User, environ: Mapping[str, str]) -> int:
-    """Build the sandbox, run COMMAND in it as `user`, tear it down; return COMMAND's exit status."""
+@dataclass
+class Keeper:
+    pid: int
+    to_keeper: int
+    from_keeper: int
+
+    def kill(self) -> None:
+        """During setup only: the supervisor's own ExitStack removes what was built. Never raises."""
+        for fd in (self.to_keeper, self.from_keeper):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+    def hand_over(self) -> bool:
+        """COMMAND has exited: the keeper removes the sandbox now (and says "done") if nothing else runs in it,
+        or keeps it for what still does ("linger"). False when the keeper is gone."""
+        try:
+            os.write(self.to_keeper, b"exit")
+            ready, _w, _x = select.select([self.from_keeper], [], [], KEEPER_TIMEOUT)
+            word = os.read(self.from_keeper, 16) if ready else b""
+        except OSError:
+            word = b""
+        finally:
+            os.close(self.to_keeper)
+            os.close(self.from_keeper)
+        try:
+            os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        return word in (b"done", b"linger")
+
+
+@dataclass
+class Started:
+    pid: int
+    record: state.Record
+    keeper: Keeper | None  # None: this run joined a sandbox that another run keeps
+
+
+def run(profile: Profile, argv: Sequence[str], user: launch.User, environ: Mapping[str, str], *,
+        new: bool = False) -> int:
+    """Run COMMAND as `user` in a sandbox for `profile`: the user's running one (unless `new`), else a new one.
+    Returns COMMAND's exit status."""
     stack = ExitStack()
     try:
         with _signals_abort_setup():
-            pid = _setup(stack, profile, argv, user, environ)
-        return launch.wait_child(pid)
+            started = None if new else _join(profile, argv, user, environ)
+            if started is None:
+                started = _setup(stack, profile, argv, user, environ)
+            stack.pop_all()  # COMMAND runs: from here the keeper owns the sandbox
+        _fault("command")
+        code = launch.wait_child(started.pid)
     finally:
         with _signals_held():
             stack.close()
+    with _signals_held():
+        if started.keeper is not None and not started.keeper.hand_over():
+            # the keeper died: nobody else will remove the sandbox, so this run does
+            reconcile.kill_processes(started.record)
+            reconcile.teardown(started.record)
+    return code
+
+
+def _join(profile: Profile, argv: Sequence[str], user: launch.User, environ: Mapping[str, str]) -> Started | None:
+    """Enter the user's running sandbox of the same profile (same content), as single-instance apps hand new
+    windows to their running process anyway. The lock keeps its keeper from removing it meanwhile."""
+    with state.locked():
+        for record in state.records():
+            if (record.uid == user.uid and record.profile == profile.name and not record.closing
+                    and record.profile_sha256 == profile.sha256 and record.keeper_pid and state.alive(record)):
+                pid = _spawn(record, argv, user, environ)
+                return Started(pid, record, None)
+    return None
+
+
+def _spawn(record: state.Record, argv: Sequence[str], user: launch.User, environ: Mapping[str, str]) -> int:
+    fd = os.open(netns.path(record.netns), os.O_RDONLY | os.O_CLOEXEC)
+    # From here signals wait in the mask: wait_child relays whatever arrived while COMMAND was being started.
+    signal.pthread_sigmask(signal.SIG_BLOCK, launch.DEFAULT_FORWARD)
+    try:
+        return launch.spawn(argv, user=user, env=environ, netns_fd=fd,
+                            in_child=dns.bind_name_files(state.sandbox_dir(record.id)))
+    finally:
+        os.close(fd)
 
 
 def _setup(stack: ExitStack, profile: Profile, argv: Sequence[str], user: launch.User,
-           environ: Mapping[str, str]) -> int:
+           environ: Mapping[str, str]) -> Started:
     nat = profile.network == "nat"
     with state.locked():
-        reap_dead()
+        reconcile.reap_dead()
         env = netns.host_env(exclude_prefix=PREFIX) if nat else HostEnv()
         slot = None
         if nat:
@@ -185,7 +177,7 @@ def _setup(stack: ExitStack, profile: Profile, argv: Sequence[str], user: launch
             command=list(argv), uid=user.uid, user=user.name, network=profile.network, netns=inst.netns,
             slot=slot, veth=inst.veth if nat else None, table=inst.table if nat else None, addresses=addresses)
         state.save(record)
-    stack.callback(_release, record)
+    stack.callback(reconcile.release, record)
     _fault("record")
 
     netns.create(inst.netns)
@@ -200,30 +192,54 @@ def _setup(stack: ExitStack, profile: Profile, argv: Sequence[str], user: launch
         stack.callback(nft.delete_table, inst.table)
         nft.apply(rules.host_ruleset(inst, profile), "host-side ruleset")
         _fault("host-rules")
-        _enable_forwarding(inst.ipv6)
+        forwarding.enable(inst.ipv6)
         _fault("forwarding")
         gateways = [str(a.ip) for a in (inst.gateway4, inst.gateway6) if a]
-    netns.configure_sandbox_side(inst.netns, inst.address4 if nat else None, inst.gateway4 if nat else None,
-                                 inst.address6, inst.gateway6)
     files = state.sandbox_dir(inst.id)
     stack.callback(state.drop_dir, inst.id)
     log = dns.write_files(files, gateways[0] if gateways else None, user)
-    resolver = None
-    if nat:
-        resolver = dns.start(inst, netns.path(inst.netns), profile, env.addresses, log)
-        stack.callback(resolver.stop)
-        _fault("resolver")
+    netns.configure_sandbox_side(inst.netns, inst.address4 if nat else None, inst.gateway4 if nat else None,
+                                 inst.address6, inst.gateway6)
     with netns.entered(inst.netns):
         nft.apply(rules.sandbox_ruleset(profile, env, gateways), "sandbox ruleset")
     _fault("sandbox-rules")
 
-    fd = os.open(netns.path(inst.netns), os.O_RDONLY | os.O_CLOEXEC)
-    # From here signals wait in the mask: wait_child relays whatever arrived while COMMAND was being started.
-    signal.pthread_sigmask(signal.SIG_BLOCK, launch.DEFAULT_FORWARD)
-    try:
-        pid = launch.spawn(argv, user=user, env=environ, netns_fd=fd, in_child=dns.bind_name_files(files))
-    finally:
-        os.close(fd)
-    if resolver is not None:
-        resolver.granter.start()
-    return pid
+    def start_owned() -> None:  # in the keeper: the resolver is its child, the granter its thread
+        if nat:
+            dns.start(inst, netns.path(inst.netns), profile, env.addresses, log).granter.start()
+
+    kept = _start_keeper(record, start_owned)
+    stack.callback(kept.kill)
+    record.keeper_pid, record.keeper_start = kept.pid, state.proc_start_time(kept.pid) or 0
+    state.save(record)
+    _fault("keeper")
+
+    pid = _spawn(record, argv, user, environ)
+    record.command_pid = pid
+    state.save(record)
+    return Started(pid, record, kept)
+
+
+def _start_keeper(record: state.Record, start_owned: Callable[[], None]) -> Keeper:
+    to_r, to_w = os.pipe()
+    from_r, from_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the keeper process
+        try:
+            os.close(to_w)
+            os.close(from_r)
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):  # it may outlive the terminal, and must not hold a pipe's end open
+                os.dup2(null, fd)
+            os.close(null)
+        finally:
+            keeper.keep(record, to_r, from_w, start_owned)
+    os.close(to_r)
+    os.close(from_w)
+    kept = Keeper(pid, to_w, from_r)
+    ready, _w, _x = select.select([from_r], [], [], KEEPER_TIMEOUT)
+    if not ready or os.read(from_r, 16) != b"ready":
+        kept.kill()
+        raise SetupError("the sandbox's keeper did not start (its resolver could not bind port 53 on the "
+                         "gateway?); run `nsfw doctor`")
+    return kept

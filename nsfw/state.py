@@ -40,6 +40,10 @@ class Record:
     addresses: list[str] = field(default_factory=list)
     supervisor_pid: int = 0
     supervisor_start: int = 0  # /proc/PID/stat starttime: a reused pid is never mistaken for ours
+    keeper_pid: int = 0  # the root process that owns the sandbox once COMMAND has started
+    keeper_start: int = 0
+    command_pid: int = 0
+    closing: bool = False  # being removed: nobody may join it any more
     started_at: float = 0.0
     version: int = 1
 
@@ -54,8 +58,14 @@ def proc_start_time(pid: int) -> int | None:
     return int(stat[stat.rindex(b")") + 2:].split()[19])
 
 
+def _running(pid: int, start: int) -> bool:
+    return pid > 0 and proc_start_time(pid) == start
+
+
 def alive(record: Record) -> bool:
-    return record.supervisor_pid > 0 and proc_start_time(record.supervisor_pid) == record.supervisor_start
+    """Somebody still owns the sandbox: its keeper, or, before the keeper exists, its supervisor."""
+    return _running(record.keeper_pid, record.keeper_start) or _running(record.supervisor_pid,
+                                                                         record.supervisor_start)
 
 
 def write_json(path: str, data: dict[str, Any]) -> None:
@@ -90,6 +100,14 @@ def drop_dir(record_id: str) -> bool:
 def drop(record_id: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(_dir(SANDBOXES, f"{record_id}.json"))
+
+
+def load(record_id: str) -> Record | None:
+    try:
+        with open(_dir(SANDBOXES, f"{record_id}.json")) as f:
+            return Record(**json.load(f))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def records() -> list[Record]:

@@ -20,8 +20,9 @@ Bounds, so that a flood or garbage costs at most CPU: the kernel's socket buffer
 `max_inflight` upstream questions and `max_waiters` clients per question (the excess is dropped, as an
 overloaded server does, and clients retry); at most `tcp_clients` TCP connections (the least recently active
 is closed to make room), each idle for at most `tcp_idle` seconds, with at most `tcp_pending` queries being
-answered and `tcp_outbuf` bytes unsent; the cache is an LRU of `cache_entries`. Malformed packets are dropped
-(no usable header) or answered FORMERR (a usable header), and never reach the policy.
+answered and `tcp_outbuf` bytes unsent; the cache is an LRU of `cache_entries` and `cache_bytes`; cancelled
+upstream timers are compacted away. Malformed packets are dropped (no usable header) or answered FORMERR (a
+usable header), and never reach the policy.
 
 Query log: one JSON object per line, {"time": unix float, "name": str, "type": "A", "verdict":
 "allow|deny|unlisted|refuse", "rcode": "NOERROR|NXDOMAIN|SERVFAIL|...", "answers": [addresses], "cached": bool},
@@ -93,6 +94,7 @@ class Grant(NamedTuple):
 class Limits(NamedTuple):
     upstream_timeout: float = TIMEOUT
     cache_entries: int = 10000
+    cache_bytes: int = 16 << 20
     ttl_cap: int = 86400  # a day: longer TTLs are served (and granted) as a day
     negative_ttl_cap: int = 300
     max_inflight: int = 256
@@ -176,10 +178,13 @@ def _lifetime(response: Response, limits: Limits) -> int:
 
 
 class _Cache:
-    """LRU of answers keyed by (name, type, class), shared by every query of this sandbox."""
+    """LRU of answers keyed by (name, type, class), shared by every query of this sandbox; bounded in entries
+    and in bytes (answers over TCP may be 64 KB each)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_bytes: int) -> None:
         self.size = size
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self.entries: OrderedDict[tuple[str, int, int], _Answer] = OrderedDict()
 
     def get(self, key: tuple[str, int, int], now: float) -> _Answer | None:
@@ -188,15 +193,20 @@ class _Cache:
             return None
         if entry.expires <= now:
             del self.entries[key]
+            self.bytes -= len(entry.response.raw)
             return None
         self.entries.move_to_end(key)
         return entry
 
     def put(self, key: tuple[str, int, int], entry: _Answer) -> None:
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.bytes -= len(old.response.raw)
         self.entries[key] = entry
-        self.entries.move_to_end(key)
-        if len(self.entries) > self.size:
-            self.entries.popitem(last=False)
+        self.bytes += len(entry.response.raw)
+        while len(self.entries) > self.size or self.bytes > self.max_bytes:
+            _key, evicted = self.entries.popitem(last=False)
+            self.bytes -= len(evicted.response.raw)
 
 
 # ---------------------------------------------------------------------------------------------- the log
@@ -286,7 +296,7 @@ class _UdpDest:
         return 512 if query.edns is None else min(query.edns, EDNS_SIZE)
 
     def send(self, data: bytes) -> None:
-        try:  # noqa: SIM105 - the hot path: try/except is cheaper than contextlib.suppress
+        try:
             self.sock.sendto(data, self.addr)
         except OSError:
             pass  # a full send buffer or a vanished client: UDP clients retry
@@ -335,6 +345,7 @@ class _TcpClient:
         self.last = now
         self.eof = False
         self.closed = False
+        self.parsing = False
         self.events = 0
         self._interest()
 
@@ -365,18 +376,26 @@ class _TcpClient:
         self._frames()
 
     def _frames(self) -> None:
-        limits = self.server.limits
-        while not self.closed and self.pending < limits.tcp_pending and len(self.inbuf) >= 2:
-            size = int.from_bytes(self.inbuf[:2], "big")
-            if size == 0:
-                self.close()
-                return
-            if len(self.inbuf) < 2 + size:
-                break
-            msg = bytes(self.inbuf[2:2 + size])
-            del self.inbuf[:2 + size]
-            self.pending += 1
-            self.server.handle(msg, self)
+        # An answer sent at once (FORMERR) comes back here through send(): the loop below, already running,
+        # picks up the next frame, rather than a recursion as deep as the client has frames.
+        if self.parsing:
+            return
+        self.parsing = True
+        try:
+            limit = self.server.limits.tcp_pending
+            while not self.closed and self.pending < limit and len(self.inbuf) >= 2:
+                size = int.from_bytes(self.inbuf[:2], "big")
+                if size == 0:
+                    self.close()
+                    return
+                if len(self.inbuf) < 2 + size:
+                    break
+                msg = bytes(self.inbuf[2:2 + size])
+                del self.inbuf[:2 + size]
+                self.pending += 1
+                self.server.handle(msg, self)
+        finally:
+            self.parsing = False
         self._settle()
 
     def _settle(self) -> None:
@@ -512,13 +531,15 @@ class _Resolver:
                  learn_denied: bool, never_grant: Callable[[IPAddress], bool], limits: Limits) -> None:
         self.policy = policy
         self.servers = socket_addresses(upstreams)
+        if not self.servers:
+            raise ValueError(f"no usable upstream resolver among {list(upstreams)}")
         self.grant = grant
         self.log = _QueryLog(log, limits.log_max_bytes)
         self.learn_denied = learn_denied
         self.never_grant = never_grant
         self.limits = limits
         self.sel = selectors.DefaultSelector()
-        self.cache = _Cache(limits.cache_entries)
+        self.cache = _Cache(limits.cache_entries, limits.cache_bytes)
         self.pending: dict[tuple[str, int, int], _Pending] = {}
         self.parsed: dict[bytes, tuple[Query, Decision]] = {}
         self.timers: list[Timer] = []
@@ -571,7 +592,11 @@ class _Resolver:
 
     def _error(self, e: Exception) -> None:
         self.errors += 1
-        if self.errors <= 20:  # enough to diagnose, not enough to fill a disk
+        if self.errors == 1:
+            import traceback
+
+            traceback.print_exception(e, file=sys.stderr)
+        elif self.errors <= 20:  # enough to diagnose, not enough to fill a disk
             print(f"nsfw resolver: {type(e).__name__}: {e}", file=sys.stderr)
 
     def _sweep(self, now: float) -> None:
@@ -618,9 +643,10 @@ class _Resolver:
                 self.out.append(_Out(dest, q, error_reply(q, rcode), [], "refuse", rcode))
                 return
             decision = self.policy.decide(q.name)
-            if len(self.parsed) >= _PARSED_MEMO:
-                self.parsed.clear()
-            self.parsed[data[2:]] = (q, decision)
+            if len(data) <= 512:  # a stub's question; anything bigger is not worth the memory
+                if len(self.parsed) >= _PARSED_MEMO:
+                    self.parsed.clear()
+                self.parsed[data[2:]] = (q, decision)
         verdict = decision.verdict
         if verdict == "refuse" or verdict == "deny":
             self.out.append(_Out(dest, q, error_reply(q, NXDOMAIN), [], verdict, NXDOMAIN))
@@ -692,10 +718,20 @@ class _Resolver:
     # -- the batch
 
     def flush(self) -> None:
-        """Grant every address of the turn's answers, then send them, then log them."""
+        """Send the turn's answers: at once those that hand out no address (NXDOMAIN for a denied name too,
+        whatever learning it grants); then grant every address the others hand out, in one call, and send
+        those; then log them all."""
         out, self.out = self.out, []
         if not out:
             return
+        held: list[tuple[_UdpDest | _TcpClient, _Out]] = []
+        for o in out:
+            if o.dest is None:
+                continue  # learn-only: grants, nothing to send
+            if o.grants and o.verdict != "deny":
+                held.append((o.dest, o))
+            else:
+                o.dest.send(o.reply)
         granting = [o for o in out if o.grants]
         if granting:
             try:
@@ -709,21 +745,15 @@ class _Resolver:
                             self.grant(o.grants)
                         except Exception:
                             o.failed = True
-        lines: list[str] = []
-        wall = time.time()
-        logging = self.log.f is not None
-        for o in out:
-            dest = o.dest
-            if dest is None:
-                continue  # learn-only
-            if o.failed and o.verdict != "deny":  # a denied name's NXDOMAIN stands whatever learning did
+        for dest, o in held:
+            if o.failed:  # fail closed: never hand out an address the kernel would not let through
                 o.reply = error_reply(o.query, SERVFAIL)
                 o.rcode = SERVFAIL
                 o.answers = ()
             dest.send(o.reply)
-            if logging:
-                lines.append(o.log_line(wall))
-        self.log.write(lines)
+        if self.log.f is not None:
+            wall = time.time()
+            self.log.write([o.log_line(wall) for o in out if o.dest is not None])
 
 
 def _merge(grants: list[Grant]) -> list[Grant]:
@@ -743,5 +773,6 @@ def serve(udp: Sequence[socket.socket], tcp: Sequence[socket.socket], *, policy:
           learn_denied: bool, never_grant: Callable[[IPAddress], bool],
           stop: threading.Event | None = None, limits: Limits | None = None) -> None:
     """Serve DNS on the already-bound sockets `udp` and `tcp` (listening) until `stop` is set (forever
-    without one). `upstreams` are addresses as `upstream.parse_resolv_conf` returns them."""
+    without one). `upstreams` are addresses as `upstream.parse_resolv_conf` returns them (ValueError when
+    none is usable). Never returns otherwise: what goes wrong with one packet or client is that one's."""
     _Resolver(udp, tcp, policy, upstreams, grant, log, learn_denied, never_grant, limits or Limits()).run(stop)

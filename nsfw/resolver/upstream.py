@@ -72,10 +72,12 @@ def upstreams(addresses: Sequence[str], port: int = 53) -> list[Upstream]:
     out: list[Upstream] = []
     for addr in addresses:
         host, sep, port_text = addr.partition("#")
+        number = int(port_text) if sep and port_text.isdigit() else port if not sep else 0
+        if not 0 < number < 65536:
+            continue
         try:
-            infos = socket.getaddrinfo(host, int(port_text) if sep else port, 0, socket.SOCK_DGRAM, 0,
-                                       socket.AI_NUMERICHOST)
-        except (OSError, UnicodeError, ValueError, OverflowError):
+            infos = socket.getaddrinfo(host, number, 0, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST)
+        except (OSError, UnicodeError):
             continue
         if infos:
             family, _type, _proto, _name, sockaddr = infos[0]
@@ -165,9 +167,11 @@ class Exchange:
         while self.index < len(self.servers):
             server = self.servers[self.index]
             kind = socket.SOCK_STREAM if self.tcp else socket.SOCK_DGRAM
-            sock = socket.socket(server.family, kind)
             try:
-                sock.setblocking(False)
+                sock = socket.socket(server.family, kind | socket.SOCK_NONBLOCK)
+            except OSError:  # out of descriptors: this question fails, the resolver goes on
+                break
+            try:
                 if self.tcp:
                     err = sock.connect_ex(server.sockaddr)
                     if err not in (0, errno.EINPROGRESS):

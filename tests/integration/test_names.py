@@ -214,7 +214,7 @@ def test_resolver_runs_as_nobody_and_its_death_closes_names(world: Any, names: s
     script = ("echo ready; read _; " + shlex.join(world.probe_argv("resolve", "allowed.test")) +
               "; echo \"@@ $?\"; " + shlex.join(world.probe_argv("tcp", "192.0.2.11", 80)) + "; echo \"@@ $?\"")
     with live(world, names, script) as (proc, record):
-        sup = record["supervisor_pid"]
+        sup = record["keeper_pid"]  # the resolver is the keeper's child
         kids = world.run(["pgrep", "-P", str(sup)]).stdout.split()
         resolvers = [k for k in kids if "Uid:\t65534" in world.run(["cat", f"/proc/{k}/status"]).stdout]
         assert len(resolvers) == 1, kids

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from nsfw.sandbox import SETUP_STEPS
+
 from .sandbox import (
     BLOCKED,
     NSFW,
@@ -332,7 +334,7 @@ def test_bad_profile_exits_125_and_nothing_runs(world: Any, profile_dir: Path, t
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("step", ["record", "netns", "veth", "host-rules", "forwarding", "resolver", "sandbox-rules"])
+@pytest.mark.parametrize("step", [s for s in SETUP_STEPS if s != "command"])
 def test_fail_closed_at_every_step(world: Any, tmp_path: Path, step: str) -> None:
     marker = tmp_path / "ran"
     done = run(world, "default", "touch", str(marker), env={"NSFW_TEST_FAIL_AT": step})

@@ -117,14 +117,18 @@ class FakeUpstream:
         self.tcp.close()
 
 
-def _read_frame(conn: socket.socket) -> bytes | None:
-    buf = b""
+def _read_frame(conn: socket.socket, buf: bytearray | None = None) -> bytes | None:
+    """One length-prefixed message; pass the same `buf` across calls when several may come in one read."""
+    buf = bytearray() if buf is None else buf
     while len(buf) < 2 or len(buf) < 2 + int.from_bytes(buf[:2], "big"):
         chunk = conn.recv(65536)
         if not chunk:
             return None
         buf += chunk
-    return buf[2:2 + int.from_bytes(buf[:2], "big")]
+    size = int.from_bytes(buf[:2], "big")
+    frame = bytes(buf[2:2 + size])
+    del buf[:2 + size]
+    return frame
 
 
 # ---------------------------------------------------------------------------------------------- the resolver
@@ -195,6 +199,15 @@ def ask(port: int, qname: str, qtype: int = 1, *, tcp: bool = False, edns: bool 
     resp = dnsmsg.parse_response(data)
     assert resp.id == int.from_bytes(msg[:2], "big")
     return resp
+
+
+def ask_retrying(port: int, qname: str, tries: int = 5) -> dnsmsg.Response:
+    for _ in range(tries - 1):
+        try:
+            return ask(port, qname, timeout=1)
+        except TimeoutError:
+            continue
+    return ask(port, qname, timeout=1)
 
 
 def addresses(resp: dnsmsg.Response) -> list[str]:
@@ -428,7 +441,8 @@ def test_client_letter_case_and_edns_are_honoured(make: Callable[..., Resolver])
         data = s.recv(4096)
     assert data[12:12 + 14] == msg[12:12 + 14]
     resp = dnsmsg.parse_response(data)
-    assert addresses(resp) == ["192.0.2.10"] and resp.counts[2] == 1  # our OPT
+    assert addresses(resp) == ["192.0.2.10"]
+    assert data[10:12] == b"\0\1" and data.endswith(b"\0\0\x29\x04\xd0" + bytes(6))  # our OPT, 1232
     assert len(r.grants) == 1
 
 
@@ -510,9 +524,11 @@ def test_a_flood_leaves_it_responsive(make: Callable[..., Resolver], up: FakeUps
     for i in range(10000):
         # a third the same cached name, the rest a different name each: every one a question upstream
         flood.send(query("allowed.test" if i % 3 == 0 else f"n{i}.flood.example"))
-    assert addresses(ask(r.port, "allowed.test", timeout=5)) == ["192.0.2.10"]
+    # The flood overflows the socket buffer, and our question may be dropped with it: ask as a stub does,
+    # again after a timeout.
+    assert addresses(ask_retrying(r.port, "allowed.test")) == ["192.0.2.10"]
     flood.close()
-    assert addresses(ask(r.port, "other.test", timeout=5)) == ["198.51.100.20"]
+    assert addresses(ask_retrying(r.port, "other.test")) == ["198.51.100.20"]
 
 
 # ---------------------------------------------------------------------------------------------- TCP
@@ -525,8 +541,9 @@ def test_tcp_several_queries_per_connection_then_idle_close(make: Callable[..., 
     with socket.create_connection((LOOP, r.port), timeout=5) as s:
         s.sendall(b"".join(len(m).to_bytes(2, "big") + m for m in msgs))  # pipelined
         replies = {}
+        buf = bytearray()
         for _ in names:
-            data = _read_frame(s)
+            data = _read_frame(s, buf)
             assert data is not None
             resp = dnsmsg.parse_response(data)
             replies[resp.id] = resp
@@ -551,6 +568,26 @@ def test_tcp_clients_are_capped(make: Callable[..., Resolver]) -> None:
         c.close()
     assert closed >= 4  # the least recently active made room for the newer ones
     assert addresses(ask(r.port, "allowed.test", tcp=True)) == ["192.0.2.10"]
+
+
+def test_tcp_client_with_thousands_of_bad_frames(make: Callable[..., Resolver]) -> None:
+    r = make()
+    bad = struct.pack("!6H", 0x99, 0x0100, 0, 0, 0, 0)  # no question: FORMERR, answered at once
+    good = query("allowed.test", qid=0x77)
+    with socket.create_connection((LOOP, r.port), timeout=5) as s:
+        s.sendall((len(bad).to_bytes(2, "big") + bad) * 5000 + len(good).to_bytes(2, "big") + good)
+        buf = bytearray()
+        for _ in range(5000):
+            data = _read_frame(s, buf)
+            assert data is not None and data[3] & 0xF == dnsmsg.FORMERR
+        data = _read_frame(s, buf)
+        assert data is not None and addresses(dnsmsg.parse_response(data)) == ["192.0.2.10"]
+
+
+def test_no_usable_upstream_is_an_error() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, pytest.raises(ValueError, match="upstream"):
+        serve([u], [], policy=POLICY, upstreams=["not-an-address"], grant=lambda g: None, log=None,
+              learn_denied=False, never_grant=lambda a: False)
 
 
 def test_tcp_half_close_still_answers(make: Callable[..., Resolver]) -> None:
@@ -629,7 +666,7 @@ def test_upstream_socket_addresses() -> None:
         ("127.0.0.1#5353", socket.AF_INET, ("127.0.0.1", 5353)),
     ]
     scoped = upstream.upstreams(["fe80::1%lo"])
-    assert scoped and scoped[0].sockaddr[3] == socket.if_nametoindex("lo")
+    assert scoped and scoped[0].sockaddr[-1] == socket.if_nametoindex("lo")  # the scope id
 
 
 def test_blocking_ask(up: FakeUpstream) -> None:
@@ -639,3 +676,21 @@ def test_blocking_ask(up: FakeUpstream) -> None:
     up.silent.add("quiet.test")
     assert upstream.ask(dnsmsg.parse_query(query("quiet.test")).wire, upstream.upstreams([up.address]),
                         timeout=0.2) is None
+
+
+def test_cache_is_bounded_in_entries_and_bytes() -> None:
+    from types import SimpleNamespace
+
+    from nsfw.resolver.server import _Cache
+
+    def entry(size: int) -> Any:
+        return SimpleNamespace(response=SimpleNamespace(raw=bytes(size)), expires=100.0)
+
+    cache = _Cache(3, 1000)
+    for i in range(5):
+        cache.put((f"n{i}", 1, 1), entry(100))
+    assert list(cache.entries) == [("n2", 1, 1), ("n3", 1, 1), ("n4", 1, 1)] and cache.bytes == 300
+    assert cache.get(("n2", 1, 1), 0.0) is not None  # now the most recently used
+    cache.put(("big", 1, 1), entry(850))  # one out for the count, one more for the bytes
+    assert list(cache.entries) == [("n2", 1, 1), ("big", 1, 1)] and cache.bytes == 950
+    assert cache.get(("n2", 1, 1), 100.0) is None and cache.bytes == 850  # expired

@@ -1,0 +1,84 @@
+"""Removing sandboxes by name: after a normal end, after a crash, and as `nsfw gc`.
+
+Everything here works from records alone (names derived from the instance id) plus live process state, never
+from what happens to exist in the kernel: nsfw never touches a namespace, interface or table it did not
+record. Every step treats "already gone" as done, so any of it can run twice, or concurrently with a launch.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import forwarding, keeper, netns, nft, state
+
+
+def remove_objects(record: state.Record) -> list[str]:
+    """Delete by name everything a record describes, in reverse order of creation. Idempotent, never raises."""
+    removed = []
+    if record.table and nft.delete_table(record.table):
+        removed.append(f"table inet {record.table}")
+    if record.veth and netns.delete_link(record.veth):
+        removed.append(f"link {record.veth}")
+    if netns.remove(record.netns):
+        removed.append(f"netns {record.netns}")
+    if state.drop_dir(record.id):
+        removed.append(f"files {state.sandbox_dir(record.id)}")
+    return removed
+
+
+def release(record: state.Record) -> None:
+    """The record goes last, and with the last record, nsfw's changes to forwarding. Takes the lock."""
+    with state.locked():
+        state.drop(record.id)
+        if not state.records():
+            forwarding.restore()
+
+
+def teardown(record: state.Record) -> list[str]:
+    removed = remove_objects(record)
+    release(record)
+    return removed
+
+
+def kill_processes(record: state.Record) -> int:
+    """Kill what still runs in a sandbox nobody owns any more. Returns how many there were."""
+    path = netns.path(record.netns)
+    if not os.path.exists(path):
+        return 0
+    ns = keeper.netns_id(path)
+    found = len(keeper.processes_in(ns))
+    keeper.kill_all(ns)
+    return found
+
+
+def dead(records: list[state.Record] | None = None) -> list[state.Record]:
+    return [r for r in (state.records() if records is None else records) if not state.alive(r)]
+
+
+def reap(record: state.Record) -> list[str]:
+    """Remove one dead sandbox entirely: its stray processes, its kernel objects, its files, its record.
+    Caller holds the lock."""
+    stray = kill_processes(record)
+    removed = remove_objects(record)
+    state.drop(record.id)
+    return ([f"{stray} process(es)"] if stray else []) + removed
+
+
+def reap_dead() -> list[state.Record]:
+    """What every launch runs first: cheap when nothing is dead. Caller holds the lock."""
+    gone = dead()
+    for record in gone:
+        reap(record)
+    if gone and not state.records():
+        forwarding.restore()
+    return gone
+
+
+def gc(dry_run: bool = False) -> list[tuple[state.Record, list[str]]]:
+    """`nsfw gc`: reconcile records with /proc and the kernel. A second run finds nothing to do."""
+    with state.locked():
+        gone = dead()
+        report = [(r, ["would remove"] if dry_run else reap(r)) for r in gone]
+        if not dry_run and not state.records():
+            forwarding.restore()  # also a leftover from a crash between the last record and the restore
+    return report
