@@ -50,14 +50,27 @@ bench: deps
 	$(PYTHON) bench/launch.py
 
 install: deps
-	install -d $(LIBDIR)/nsfw $(LIBDIR)/bin $(LIBDIR)/profiles $(PREFIX)/bin /etc/nsfw/profiles
+	install -d $(LIBDIR)/nsfw/resolver $(LIBDIR)/bin $(LIBDIR)/profiles $(PREFIX)/bin /etc/nsfw/profiles
 	install -m 0644 nsfw/*.py $(LIBDIR)/nsfw/
+	install -m 0644 nsfw/resolver/*.py $(LIBDIR)/nsfw/resolver/
 	install -m 0755 bin/nsfw $(LIBDIR)/bin/nsfw
 	install -m 0644 profiles/*.yaml $(LIBDIR)/profiles/
 	ln -sf $(LIBDIR)/bin/nsfw $(PREFIX)/bin/nsfw
+	@# nsfw-gc.timer: where systemd is the init system; enabled and started only while systemd runs
+	@if [ -d /run/systemd/system ] || [ -d /lib/systemd/system ]; then \
+		install -d $(PREFIX)/lib/systemd/system && \
+		for u in nsfw-gc.service nsfw-gc.timer; do \
+			sed 's|/usr/local/bin/nsfw|$(PREFIX)/bin/nsfw|' systemd/$$u > $(PREFIX)/lib/systemd/system/$$u && \
+			chmod 0644 $(PREFIX)/lib/systemd/system/$$u || exit 1; \
+		done; \
+	fi
+	@if [ -d /run/systemd/system ]; then systemctl daemon-reload && systemctl enable --now nsfw-gc.timer; fi
 
 uninstall:
 	rm -rf $(LIBDIR) $(PREFIX)/bin/nsfw
+	@if [ -d /run/systemd/system ]; then systemctl disable --now nsfw-gc.timer 2>/dev/null || true; fi
+	rm -f $(PREFIX)/lib/systemd/system/nsfw-gc.service $(PREFIX)/lib/systemd/system/nsfw-gc.timer
+	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
 clean:
 	rm -rf $(DEV_VENV) .mypy_cache .ruff_cache .pytest_cache bench/results

@@ -35,6 +35,14 @@ class NsfwGroup(click.Group):
             if run:  # a usage mistake is also a failure before COMMAND started
                 e.exit_code = RUN_FAILED
             raise
+        except (click.exceptions.Exit, click.exceptions.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as e:  # a bug of nsfw's, not the user's mistake: one line, and how to see more
+            if os.environ.get("NSFW_DEBUG"):
+                raise
+            click.echo(f"nsfw: internal error: {type(e).__name__}: {e} (NSFW_DEBUG=1 shows the traceback; "
+                       "please report it)", err=True)
+            ctx.exit(RUN_FAILED if run else 1)
 
 
 @click.group(cls=NsfwGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,8 +61,10 @@ def _dirs(home: str | None = None) -> list[Path]:
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("-p", "--profile", "ref", metavar="NAME|PATH", help="Profile to apply (default: named after COMMAND).")
 @click.option("--new", is_flag=True, help="Start a separate sandbox instead of joining your running one.")
+@click.option("--environment", "env_file", metavar="FILE", help="COMMAND's environment instead of nsfw's own: "
+              "NUL-separated NAME=VALUE entries, read as you (nsfw-launch passes your session's this way).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(ref: str | None, new: bool, command: tuple[str, ...]) -> None:
+def run(ref: str | None, new: bool, env_file: str | None, command: tuple[str, ...]) -> None:
     """Run COMMAND as you, inside a sandbox built from a profile.
 
     A second run of a profile you already run joins that sandbox (same namespace and rules), as
@@ -89,9 +99,15 @@ def run(ref: str | None, new: bool, command: tuple[str, ...]) -> None:
     if not argv:
         raise click.UsageError(f"profile '{prof.name}' has no command: give one after --")
 
-    from . import sandbox  # pyroute2 and libnftables: only a real run pays for them
+    from . import (
+        sandbox,  # pyroute2 and libnftables: only a real run pays for them
+        session,  # the session's environment for COMMAND, and what would keep it from working there
+    )
 
-    sys.exit(sandbox.run(prof, argv, user, os.environ, new=new))
+    env = session.read_environment(env_file, read) if env_file is not None else os.environ
+    for warning in session.check(argv, env, user.uid):
+        click.echo(f"nsfw: warning: {warning}", err=True)
+    sys.exit(sandbox.run(prof, argv, user, env, new=new))
 
 
 @cli.command()

@@ -33,6 +33,9 @@ NOBODY = launch.User(uid=65534, gid=65534, name="nobody", home="/nonexistent", g
 HIDDEN_DIRS = ("/run/systemd/resolve", "/run/nscd", "/var/run/nscd")
 NSSWITCH_KEEP = ("files", "myhostname", "dns")  # modules that never ask the host to resolve for us
 MAX_TIMEOUT = 7 * 86400
+# Browsers and getaddrinfo caches keep an address about a minute whatever its TTL: a grant shorter than that
+# would block the app's next connection to an address it was rightly given. Never shorter than the TTL either.
+MIN_GRANT = 60
 READY_TIMEOUT = 5.0
 
 
@@ -206,7 +209,7 @@ class Granter:
             if not isinstance(timeout, int) or not 0 < timeout <= MAX_TIMEOUT:
                 raise ValueError(f"bad timeout {timeout!r}")
             key = (self._set_for(str(name), addr), str(addr))
-            elems[key] = max(timeout, elems.get(key, 0))
+            elems[key] = max(timeout, MIN_GRANT, elems.get(key, 0))
         # An element we know to be there is deleted and re-added in the same transaction: that refreshes its
         # timeout on every kernel (re-adding alone does not on older ones).
         live = [k for k in elems if self.expiry.get(k, 0) > now + 0.5]
@@ -288,7 +291,7 @@ def start(inst: Instance, netns_path: str, profile: Profile, host_addresses: Seq
             os.close(ready_r)
             caps.prctl(caps.PR_SET_PDEATHSIG, signal.SIGKILL)
             udp, tcp = _listeners(addresses)
-            log = open(log_path, "ab", buffering=0)  # noqa: SIM115 - lives as long as the process
+            log = open(log_path, "a+b", buffering=0)  # noqa: SIM115 - readable: a full log keeps its newest half
             _keep_only({*(s.fileno() for s in (*udp, *tcp, theirs)), log.fileno(), ready_w})
             launch.drop_privileges(NOBODY)
             caps.prctl(caps.PR_SET_PDEATHSIG, signal.SIGKILL)  # cleared by the uid change
@@ -315,7 +318,8 @@ def start(inst: Instance, netns_path: str, profile: Profile, host_addresses: Seq
 
         ready, _w, _x = select.select([ready_r], [], [], READY_TIMEOUT)
         if not ready or os.read(ready_r, 1) != b"1":
-            raise SetupError("the sandbox's resolver did not start (is port 53 on the gateway free? `nsfw doctor`)")
+            raise SetupError("the sandbox's resolver could not start: is another DNS server listening on port 53 of "
+                             "every address (dnsmasq's default)? `nsfw doctor` checks it and says how to fix it")
     except BaseException:
         resolver.stop()
         raise

@@ -37,6 +37,8 @@ class Instance:
     id: str
     slot: int | None = None  # None for a `none` sandbox: it takes no addresses
     ipv6: bool = False
+    pool4: ipaddress.IPv4Network = POOL4
+    pool6: ipaddress.IPv6Network = POOL6
 
     @property
     def netns(self) -> str:
@@ -52,26 +54,26 @@ class Instance:
 
     @property
     def gateway4(self) -> ipaddress.IPv4Interface:
-        net = slot_net4(self._slot())
+        net = slot_net4(self._slot(), self.pool4)
         return ipaddress.IPv4Interface(f"{net.network_address + 1}/{net.prefixlen}")
 
     @property
     def address4(self) -> ipaddress.IPv4Interface:
-        net = slot_net4(self._slot())
+        net = slot_net4(self._slot(), self.pool4)
         return ipaddress.IPv4Interface(f"{net.network_address + 2}/{net.prefixlen}")
 
     @property
     def gateway6(self) -> ipaddress.IPv6Interface | None:
         if not self.ipv6:
             return None
-        net = slot_net6(self._slot())
+        net = slot_net6(self._slot(), self.pool6)
         return ipaddress.IPv6Interface(f"{net.network_address + 1}/{net.prefixlen}")
 
     @property
     def address6(self) -> ipaddress.IPv6Interface | None:
         if not self.ipv6:
             return None
-        net = slot_net6(self._slot())
+        net = slot_net6(self._slot(), self.pool6)
         return ipaddress.IPv6Interface(f"{net.network_address + 2}/{net.prefixlen}")
 
     def _slot(self) -> int:
@@ -98,14 +100,16 @@ def slots(pool: ipaddress.IPv4Network = POOL4) -> int:
     return 1 << (SLOT4_PREFIX - pool.prefixlen)
 
 
-def allocate_slot(used: Iterable[int], routes: Iterable[IPNetwork], pool: ipaddress.IPv4Network = POOL4) -> int | None:
-    """The lowest slot that no sandbox holds and whose subnets overlap nothing the host routes."""
-    taken = set(used)
-    routed = [r for r in routes if r.prefixlen > 0]
-    for slot in range(slots(pool)):
-        if slot in taken:
+def allocate_slot(used: Iterable[int], routes: Iterable[IPNetwork], pool: ipaddress.IPv4Network = POOL4,
+                  pool6: ipaddress.IPv6Network = POOL6, taken: Iterable[IPNetwork] = ()) -> int | None:
+    """The lowest slot that no sandbox holds and whose subnets overlap nothing the host routes, nor any address
+    a running sandbox recorded (whatever pool it came from)."""
+    busy = set(used)
+    avoid = [r for r in (*routes, *taken) if r.prefixlen > 0]
+    for slot in range(min(slots(pool), 1 << (SLOT6_PREFIX - pool6.prefixlen))):
+        if slot in busy:
             continue
-        n4, n6 = slot_net4(slot, pool), slot_net6(slot)
-        if not any(n4.overlaps(r) if r.version == 4 else n6.overlaps(r) for r in routed):
+        n4, n6 = slot_net4(slot, pool), slot_net6(slot, pool6)
+        if not any(n4.overlaps(r) if r.version == 4 else n6.overlaps(r) for r in avoid):
             return slot
     return None

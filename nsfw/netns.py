@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from pyroute2 import IPRoute, netns
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 
 from .caps import CLONE_NEWNET, setns
 from .errors import SetupError
@@ -70,8 +70,21 @@ def names(prefix: str) -> list[str]:
         return []
 
 
+DUMP_TRIES = 10
+
+
+def _dump(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """A netlink dump, again when the kernel says another change interrupted it (launches race each other)."""
+    for _ in range(DUMP_TRIES - 1):
+        try:
+            return call(*args, **kwargs)
+        except NetlinkDumpInterrupted:
+            continue
+    return call(*args, **kwargs)
+
+
 def _index(ipr: Any, ifname: str) -> int:
-    found = ipr.link_lookup(ifname=ifname)
+    found = _dump(ipr.link_lookup, ifname=ifname)
     if not found:
         raise SetupError(f"interface {ifname} vanished during setup")
     return int(found[0])
@@ -130,12 +143,12 @@ def delete_link(ifname: str) -> bool:
     """Delete a link by name (its veth peer goes with it). Absent counts as done; never raises."""
     try:
         with IPRoute() as ipr:
-            found = ipr.link_lookup(ifname=ifname)
+            found = _dump(ipr.link_lookup, ifname=ifname)
             if not found:
                 return False
             ipr.link("del", index=found[0])
             return True
-    except (NetlinkError, OSError):
+    except (NetlinkError, NetlinkDumpInterrupted, OSError):
         return False
 
 
@@ -184,10 +197,10 @@ def configure_sandbox_side(ns: str, addr4: ipaddress.IPv4Interface | None, gw4: 
 def host_env(exclude_prefix: str = "") -> HostEnv:
     """Addresses, connected networks and routes of the current (host) namespace, from the kernel."""
     with IPRoute() as ipr:
-        skip = {link["index"] for link in ipr.get_links()
+        skip = {link["index"] for link in _dump(ipr.get_links)
                 if exclude_prefix and (link.get_attr("IFLA_IFNAME") or "").startswith(exclude_prefix)}
         addresses = []
-        for a in ipr.get_addr():
+        for a in _dump(ipr.get_addr):
             value = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
             if value:
                 addresses.append(ipaddress.ip_address(value.split("%")[0]))
@@ -195,7 +208,7 @@ def host_env(exclude_prefix: str = "") -> HostEnv:
         routes: list[IPNetwork] = []
         default6 = False
         for family in (2, 10):
-            for r in ipr.get_routes(family=family, table=254):
+            for r in _dump(ipr.get_routes, family=family, table=254):
                 dst = r.get_attr("RTA_DST")
                 length = r["dst_len"]
                 if not dst:

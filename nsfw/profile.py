@@ -358,6 +358,31 @@ class _Raw:
     lines: dict[tuple[Any, ...], int]
 
 
+def parse_mapping(data: bytes, file: str) -> tuple[dict[str, Any] | None, list[ProfileError]]:
+    """A YAML document that must be a mapping, with the same error reporting as profiles."""
+    try:
+        node = yaml.compose(data.decode("utf-8"), Loader=_Loader)
+        doc = _Loader("").construct_document(node) if node is not None else {}
+    except UnicodeDecodeError:
+        return None, [ProfileError(file, "", "is not UTF-8 text", "save it as UTF-8")]
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return None, [ProfileError(file, where, f"is not valid YAML: {getattr(e, 'problem', None) or e}",
+                                   "check the indentation and quoting near that line")]
+    except _CONSTRUCT_ERRORS as e:
+        return None, [ProfileError(file, "", f"has a value YAML cannot convert: {e}", "write plain values")]
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        return None, [ProfileError(file, "", "must be a mapping of keys", "see man nsfw")]
+    return doc, []
+
+
+def suggest(word: str, choices: Sequence[str]) -> str:
+    return _suggest(word, choices)
+
+
 def parse_file(path: Path, data: bytes) -> tuple[_Raw | None, list[ProfileError]]:
     file = str(path)
     try:

@@ -9,6 +9,7 @@ which `nsfw gc` (and every later launch) removes the rest by name. Once COMMAND 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import select
 import signal
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from . import compile as rules
-from . import dns, forwarding, keeper, launch, netns, nft, reconcile, state
+from . import config, dns, forwarding, keeper, launch, netns, nft, reconcile, state
 from .errors import NsfwError, SetupError
 from .names import PREFIX, HostEnv, Instance, allocate_slot, new_id
 from .profile import Profile
@@ -161,16 +162,26 @@ def _spawn(record: state.Record, argv: Sequence[str], user: launch.User, environ
 def _setup(stack: ExitStack, profile: Profile, argv: Sequence[str], user: launch.User,
            environ: Mapping[str, str]) -> Started:
     nat = profile.network == "nat"
+    if nat:
+        from .doctor import launch_blockers
+
+        blockers = launch_blockers()
+        if blockers:  # never more permissive than the profile, and never an app that silently cannot connect
+            raise SetupError("another firewall on this host would drop this sandbox's traffic, so nsfw will not "
+                             "start it:\n  " + "\n  ".join(blockers) + "\n(`nsfw doctor` checks it all again)")
     with state.locked():
         reconcile.reap_dead()
         env = netns.host_env(exclude_prefix=PREFIX) if nat else HostEnv()
         slot = None
+        conf = config.load()
         if nat:
-            slot = allocate_slot((r.slot for r in state.records() if r.slot is not None), env.routes)
+            taken = [ipaddress.ip_network(a, strict=False) for r in state.records() for a in r.addresses]
+            slot = allocate_slot((), env.routes, conf.pool4, conf.pool6, taken)
             if slot is None:
-                raise SetupError("no free address for a new sandbox: every slot of the pool is taken or routed "
-                                 "by the host (stop some sandboxes, or run `nsfw gc`)")
-        inst = Instance(new_id(), slot, ipv6=nat and profile.ipv6 and env.default6)
+                raise SetupError(f"no free address for a new sandbox: every slot of the pool {conf.pool4} is taken "
+                                 f"or routed by the host (stop some sandboxes, or widen pool: in {config.PATH})")
+        inst = Instance(new_id(), slot, ipv6=nat and profile.ipv6 and env.default6, pool4=conf.pool4,
+                        pool6=conf.pool6)
         addresses = [str(a) for a in (inst.address4, inst.address6) if a] if nat else []
         record = state.new_record(
             id=inst.id, profile=profile.name, profile_path=profile.path, profile_sha256=profile.sha256,

@@ -59,7 +59,16 @@ def proc_start_time(pid: int) -> int | None:
 
 
 def _running(pid: int, start: int) -> bool:
-    return pid > 0 and proc_start_time(pid) == start
+    """Alive, and the same process: a reused pid has another start time, and a zombie is dead already."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return fields[0] not in (b"Z", b"X") and int(fields[19]) == start
 
 
 def alive(record: Record) -> bool:

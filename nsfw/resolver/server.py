@@ -2,11 +2,13 @@
 
 One thread runs one selector loop over the UDP and TCP listening sockets, the TCP clients and the upstream
 questions in flight. Each turn of the loop reads what is ready (at most `udp_burst` datagrams per socket),
-decides every query, then flushes the turn's answers as one batch: one `grant` call for all the addresses
-the batch hands out, then the replies, then the log lines. Batching is what keeps a slow `grant` (an IPC
-round trip to the supervisor and a netlink transaction) from capping the query rate: under load the batches
-grow instead of the queue. No answer that hands out an address leaves before `grant` has returned; when it
-raises, those answers become SERVFAIL (fail closed: never hand out an address the kernel would refuse).
+decides every query, then flushes the turn's answers as one batch: first those that hand out no address,
+then one `grant` call for all the addresses the others hand out, then those, then the log lines. Batching
+is what keeps a slow `grant` (an IPC round trip to the supervisor and a netlink transaction) from capping the
+query rate: under load the batches grow instead of the queue. No answer that hands out an address leaves
+before `grant` has returned; when it raises, those answers become SERVFAIL (fail closed: never hand out an
+address the kernel would refuse). Hot paths are memoized: a packet seen before (but for its id) skips
+parsing and policy, and a cached answer keeps its last rewritten reply and grants for the second they hold.
 
 Per query: the policy decides by name (any type). "refuse" and "deny" answer NXDOMAIN at once without asking
 upstream (with `learn_denied`, a denied name is still resolved, in the background of the loop, and its
@@ -105,6 +107,7 @@ class Limits(NamedTuple):
     tcp_pending: int = 16
     tcp_outbuf: int = 256 * 1024
     log_max_bytes: int = 10 << 20
+    grant_batch: int = 512  # grants per call at most (unless one answer alone has more): ~30 KB as JSON
 
 
 # ---------------------------------------------------------------------------------------------- answers
@@ -732,15 +735,14 @@ class _Resolver:
                 held.append((o.dest, o))
             else:
                 o.dest.send(o.reply)
-        granting = [o for o in out if o.grants]
-        if granting:
+        for chunk in _chunks([o for o in out if o.grants], self.limits.grant_batch):
             try:
-                self.grant(_merge([g for o in granting for g in o.grants]))
+                self.grant(_merge([g for o in chunk for g in o.grants]))
             except Exception:
-                if len(granting) == 1:
-                    granting[0].failed = True
-                else:  # find out whose grants fail, so that one bad member does not fail the whole batch
-                    for o in granting:
+                if len(chunk) == 1:
+                    chunk[0].failed = True
+                else:  # find out whose grants fail, so that one bad member does not fail the whole chunk
+                    for o in chunk:
                         try:
                             self.grant(o.grants)
                         except Exception:
@@ -754,6 +756,20 @@ class _Resolver:
         if self.log.f is not None:
             wall = time.time()
             self.log.write([o.log_line(wall) for o in out if o.dest is not None])
+
+
+def _chunks(items: list[_Out], most: int) -> list[list[_Out]]:
+    """`items` in order, in runs of at most `most` grants (an item alone may have more): what one grant call
+    carries stays within what the supervisor reads in one message."""
+    chunks: list[list[_Out]] = []
+    size = most
+    for o in items:
+        if size + len(o.grants) > most:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(o)
+        size += len(o.grants)
+    return chunks
 
 
 def _merge(grants: list[Grant]) -> list[Grant]:

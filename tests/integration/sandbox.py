@@ -60,13 +60,13 @@ def write_profile(d: Path, name: str, text: str) -> str:
 
 
 def run(world: Any, profile: str | None, *cmd: str, env: dict[str, str] | None = None,
-        timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    argv = [NSFW, "run", *(["-p", profile] if profile else []), "--", *cmd]
+        timeout: float = 60, new: bool = False) -> subprocess.CompletedProcess[str]:
+    argv = [NSFW, "run", *(["-p", profile] if profile else []), *(["--new"] if new else []), "--", *cmd]
     full_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "NSFW_PROBE_TIMEOUT": "2", **(env or {})}
     return world.run(argv, env=full_env, timeout=timeout)
 
 
-def probe(world: Any, profile: str, kind: str, addr: str, port: int, **kw: Any) -> tuple[int, str]:
+def probe(world: Any, profile: str, kind: str, addr: str, port: int | str, **kw: Any) -> tuple[int, str]:
     done = run(world, profile, *world.probe_argv(kind, addr, port), **kw)
     return done.returncode, done.stdout.strip()
 

@@ -694,3 +694,30 @@ def test_cache_is_bounded_in_entries_and_bytes() -> None:
     cache.put(("big", 1, 1), entry(850))  # one out for the count, one more for the bytes
     assert list(cache.entries) == [("n2", 1, 1), ("big", 1, 1)] and cache.bytes == 950
     assert cache.get(("n2", 1, 1), 100.0) is None and cache.bytes == 850  # expired
+
+
+def test_grant_calls_are_chunked() -> None:
+    from types import SimpleNamespace
+
+    from nsfw.resolver.server import _chunks
+
+    items: list[Any] = [SimpleNamespace(grants=[0] * n) for n in (3, 3, 5, 20, 1, 2)]
+    assert [[len(o.grants) for o in c] for c in _chunks(items, 8)] == [[3, 3], [5], [20], [1, 2]]
+    assert _chunks([], 8) == []
+
+
+def test_cached_answers_to_many_clients_share_grant_calls(make: Callable[..., Resolver]) -> None:
+    r = make(limits=Limits(upstream_timeout=0.4, grant_batch=4))
+    ask(r.port, "multi.test")  # cached now
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.settimeout(3)
+    sender.connect((LOOP, r.port))
+    calls = len(r.grants)
+    for _ in range(50):
+        sender.send(query("multi.test"))
+    for _ in range(50):
+        assert addresses(dnsmsg.parse_response(sender.recv(4096))) != []
+    sender.close()
+    batches = r.grants[calls:]
+    assert all(len(b) <= 4 for b in batches)
+    assert 0 < len(batches) <= 50
