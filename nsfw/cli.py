@@ -133,17 +133,38 @@ def check(refs: tuple[str, ...]) -> None:
 def rules(ref: str, as_json: bool) -> None:
     """Print the ruleset that `nsfw run` loads inside the sandbox for PROFILE.
 
-    The host and lan sets also receive the host's own addresses and connected networks at launch.
+    Shown for the first sandbox slot (gateway 10.213.0.1); at launch the host and lan sets also receive the
+    host's own addresses and connected networks. Name rules, enforced through the sandbox's resolver, are
+    listed as comments at the top.
     """
     from . import compile as rulesets
+    from .names import Instance
 
-    cmds = rulesets.sandbox_ruleset(profiles.load(ref, _dirs()))
+    prof = profiles.load(ref, _dirs())
+    example = Instance("0" * 8, slot=0, ipv6=True)  # the first sandbox's gateway: where its resolver listens
+    gateways = [str(example.gateway4.ip), str(example.gateway6.ip)] if prof.network == "nat" and example.gateway6 \
+        else []
+    cmds = rulesets.sandbox_ruleset(prof, gateways=gateways)
     if as_json:
         click.echo(json.dumps(rulesets.wrap(cmds), indent=1, sort_keys=True))
         return
     from . import nft
 
-    click.echo(nft.render(cmds), nl=False)
+    click.echo(_name_comments(prof) + nft.render(cmds), nl=False)
+
+
+def _name_comments(prof: profiles.Profile) -> str:
+    """The name rules, which live in the sandbox's resolver rather than in the ruleset, as comments."""
+    from .compile import grant_set, name_groups
+
+    lines = [f"# profile {prof.name}, sha256 {prof.sha256[:16]}"]
+    for i, group in enumerate(name_groups(prof)):
+        names = ", ".join(r.value for r in group)
+        lines.append(f"# names whose addresses go into @{grant_set(i, 4)}/@{grant_set(i, 6)}: {names}")
+    denied = [r.value for r in prof.deny if r.kind == "host"]
+    if denied:
+        lines.append(f"# names refused (their addresses go into @dnsdeny4/@dnsdeny6): {', '.join(denied)}")
+    return "\n".join(lines) + "\n"
 
 
 @cli.command()

@@ -81,7 +81,7 @@ def list_(system: bool) -> None:
         return
     header = ("APP", "PROFILE", "SCOPE", "ORIGINAL", "FROM")
     widths = [max(len(r[i]) for r in [*rows, header]) for i in range(4)]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(header[:4], widths, strict=True)).rstrip())
+    click.echo("  ".join(h.ljust(w) for h, w in zip(header[:4], widths, strict=True)) + "  " + header[4])
     for row in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
 

@@ -67,5 +67,6 @@ def load(path: Path = PATH) -> Config:
     except FileNotFoundError:
         return Config()
     except OSError as e:
-        raise ProfileErrors([ProfileError(str(path), "", f"cannot be read: {e.strerror}", "check its permissions")])
+        raise ProfileErrors([ProfileError(str(path), "", f"cannot be read: {e.strerror}",
+                                          "check its permissions")]) from e
     return parse(text, str(path))

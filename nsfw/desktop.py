@@ -40,6 +40,7 @@ _STRING_ESCAPES = {"s": " ", "n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 _KEY = re.compile(r"^([A-Za-z0-9-]+)(?:\[([^\]\s]+)\])?[ \t]*=[ \t]*(.*?)(\r?\n)?\Z", re.DOTALL)
 _GROUP = re.compile(r"^\[([^\[\]\x00-\x1f\x7f]+)\]\s*(\r?\n)?$")
 FIELD_CODES = frozenset("fFuUdDnNickvm%")
+_DEPRECATED = frozenset(("%d", "%D", "%n", "%N", "%v", "%m"))
 
 
 class DesktopError(NsfwError):
@@ -156,15 +157,18 @@ def expand(args: Sequence[Arg], launch: Launch) -> list[str]:
     urls = list(launch.urls) or list(launch.files)
     argv: list[str] = []
     for arg in args:
-        if arg.quoted or "%" not in arg.text:
+        if "%" not in arg.text:
             argv.append(arg.text)
             continue
+        # Inside quotes the spec leaves field codes undefined; GLib and KDE expand them in place, so do we
+        # (it is how a literal `%%` in a quoted argument becomes one `%`).
         whole = {"%F": files, "%U": urls, "%i": ["--icon", launch.icon] if launch.icon else []}
-        if arg.text in whole:
+        if arg.text in whole and not arg.quoted:
             argv.extend(whole[arg.text])
             continue
-        if arg.text in ("%f", "%u") and not (files if arg.text == "%f" else urls):
-            continue
+        if not arg.quoted and (arg.text in _DEPRECATED or (arg.text in ("%f", "%u") and not
+                                                           (files if arg.text == "%f" else urls))):
+            continue  # an argument that is only a field code with nothing to give is left out, not left empty
         out, i, text = [], 0, arg.text
         while i < len(text):
             if text[i] == "%" and i + 1 < len(text):

@@ -486,6 +486,12 @@ def _parse_top(key: str, value: Any, c: _Collector) -> Any:
         c.add(path, "must be a list of rules", f"write each rule on its own line under {key}:, starting with '- '")
         return _INVALID
     rules = [parse_rule(item, c, (key, i)) for i, item in enumerate(value)]
+    if key == "deny":
+        for i, rule in enumerate(rules):
+            if rule is not None and rule.kind == "host" and (rule.ports or rule.proto != "any"):
+                c.add((key, i), f"a denied name ('{rule.value}') is refused whole, so ports: and proto: mean "
+                      "nothing here", "drop them, or deny the name's addresses by cidr: with ports")
+                rules[i] = None
     return [r for r in rules if r is not None]
 
 
@@ -576,14 +582,25 @@ def _load_tree(path: Path, dirs: Sequence[Path], read: Reader, stack: list[Path]
         for rule, key_path in removals:
             kept = [r for r in inherited if r.key != rule.key]
             if len(kept) == len(inherited):
+                have = "; ".join(describe(r) for r in inherited) or "nothing"
                 errors.append(ProfileError(str(path), f"{_format_key(key_path)} (line {raw.lines.get(key_path, '?')})",
                                            f"removes a rule that no included profile has in {which}:",
-                                           "write it exactly as the included profile does (see `nsfw rules`)"))
+                                           f"the included profiles' {which}: rules are: {have}"))
             inherited = kept
         keys[which] = inherited
     keys = _merge(keys, raw.keys)
     digest.update(raw.data)
     return keys, [*files, str(path)], digest
+
+
+def describe(rule: Rule) -> str:
+    """A rule as a profile would write it, for messages and `nsfw rules`."""
+    parts = [f"{rule.kind}: {rule.value}"]
+    if rule.ports:
+        parts.append("ports: [" + ", ".join(str(a) if a == b else f'"{a}-{b}"' for a, b in rule.ports) + "]")
+    if rule.proto != "any":
+        parts.append(f"proto: {rule.proto}")
+    return "{" + ", ".join(parts) + "}"
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -106,14 +106,14 @@ def test_dns_rebinding_opens_nothing_in_a_denied_zone(world: Any, names: str) ->
 
 
 def test_name_pointing_at_the_host_opens_nothing(world: Any, profile_dir: Path) -> None:
-    zone = {"sneaky.test": {"A": ["198.18.0.2"]}}
-    world.set_zone({**world.zone, **zone})
+    before = dict(world.zone)
+    world.set_zone({**before, "sneaky.test": {"A": ["198.18.0.2"]}})
     try:
         p = write_profile(profile_dir, "sneaky", "allow: [sneaky.test]\n")
         res = steps(world, p, ("resolve", "sneaky.test"), ("tcp", "198.18.0.2", 631))
         assert res[0][0] == 0 and res[1][0] == 3, res
     finally:
-        world.set_zone(world.zone)
+        world.set_zone(before)
 
 
 def test_unlisted_names_resolve_only_where_the_internet_is_open(world: Any, profile_dir: Path) -> None:

@@ -330,13 +330,17 @@ def test_config(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("a: 1\nb: [unclosed\n")
     check = doctor.config_check(str(bad))
-    assert check.status == "fail" and "invalid YAML" in check.detail and "(line" in check.detail
+    assert check.status == "fail" and "not valid YAML" in check.detail and "line 3" in check.detail
     listed = tmp_path / "list.yaml"
     listed.write_text("- a\n")
     assert doctor.config_check(str(listed)).status == "fail"
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("anything: [1, 2]\n")  # validated like nsfw run reads it: an unknown key is an error
+    assert doctor.config_check(str(unknown)).status == "fail"
     good = tmp_path / "good.yaml"
-    good.write_text("anything: [1, 2]\n")
-    assert doctor.config_check(str(good)) == Check("config", "ok", f"{good}: valid YAML")
+    good.write_text("pool: {ipv4: 10.50.0.0/16}\n")
+    check = doctor.config_check(str(good))
+    assert check.status == "ok" and "10.50.0.0/16" in check.detail
 
 
 # ---------------------------------------------------------------------------------------------- kernel, report
