@@ -4,7 +4,9 @@ PYTHON      := /usr/bin/python3
 PREFIX      ?= /usr/local
 LIBDIR      := $(PREFIX)/lib/nsfw
 APT_RUNTIME := nftables python3-nftables python3-pyroute2 python3-click python3-yaml iproute2 util-linux procps
+APT_RUNTIME += sudo
 APT_TEST    := python3-pytest python3-venv
+APT_TEST    += desktop-file-utils xvfb x11-apps x11-utils xauth
 APT_BENCH   := firejail hyperfine
 DEV_VENV    := .venv-dev
 DEV_TOOLS   := ruff==0.8.6 mypy==1.13.0 types-PyYAML
@@ -65,9 +67,20 @@ install: deps
 		done; \
 	fi
 	@if [ -d /run/systemd/system ]; then systemctl daemon-reload && systemctl enable --now nsfw-gc.timer; fi
+	@# desktop: the launcher that wrapped menu entries run, and group nsfw, whose members may run `nsfw run`
+	@# through sudo without a password (desktop-wrappers/nsfw.sudoers; checked by visudo before it goes live)
+	install -d $(LIBDIR)/desktop-wrappers
+	install -m 0755 desktop-wrappers/nsfw-launch $(LIBDIR)/desktop-wrappers/nsfw-launch
+	ln -sf $(LIBDIR)/desktop-wrappers/nsfw-launch $(PREFIX)/bin/nsfw-launch
+	getent group nsfw >/dev/null || groupadd --system nsfw
+	sed 's|@NSFW@|$(PREFIX)/bin/nsfw|' desktop-wrappers/nsfw.sudoers > /etc/sudoers.d/.nsfw.new
+	visudo -cf /etc/sudoers.d/.nsfw.new || { rm -f /etc/sudoers.d/.nsfw.new; exit 1; }
+	chmod 0440 /etc/sudoers.d/.nsfw.new && mv -f /etc/sudoers.d/.nsfw.new /etc/sudoers.d/nsfw
 
 uninstall:
 	rm -rf $(LIBDIR) $(PREFIX)/bin/nsfw
+	rm -f /etc/sudoers.d/nsfw $(PREFIX)/bin/nsfw-launch
+	@echo "group nsfw is kept (its members were added by hand): groupdel nsfw removes it"
 	@if [ -d /run/systemd/system ]; then systemctl disable --now nsfw-gc.timer 2>/dev/null || true; fi
 	rm -f $(PREFIX)/lib/systemd/system/nsfw-gc.service $(PREFIX)/lib/systemd/system/nsfw-gc.timer
 	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi

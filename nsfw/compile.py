@@ -13,6 +13,7 @@ CIDRs costs the data path a lookup, not ten thousand comparisons:
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -119,11 +120,27 @@ def _span(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Span:
 
 
 def cidr_boxes(rules: Iterable[Rule], version: int) -> list[Box]:
+    """Address boxes of the cidr rules that open or close only some protocols or ports, less those that a
+    whole-network rule of the same list already covers."""
+    rules = list(rules)
+    whole = merge_addresses(_span(n) for n in cidr_whole(rules, version))
+    starts = [lo for lo, _hi in whole]
     out: list[Box] = []
     for rule in rules:
-        if rule.kind == "cidr" and rule.network.version == version:
-            out += [(_span(rule.network), cell) for cell in rule_cells(rule, version)]
+        if rule.kind == "cidr" and rule.network.version == version and (rule.ports or rule.proto != "any"):
+            lo, hi = _span(rule.network)
+            i = bisect.bisect_right(starts, lo) - 1
+            if i >= 0 and whole[i][1] >= hi:
+                continue
+            out += [((lo, hi), cell) for cell in rule_cells(rule, version)]
     return out
+
+
+def cidr_whole(rules: Iterable[Rule], version: int) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Networks of the cidr rules that cover every protocol and port: a plain interval set holds them, the
+    quickest kind to load and to look up (a 100,000-line blocklist is one of these)."""
+    return [r.network for r in rules if r.kind == "cidr" and r.network.version == version and not r.ports
+            and r.proto == "any"]
 
 
 def _zone_cells(rules: Iterable[Rule], chain: str) -> dict[int, list[Cell]]:
@@ -225,6 +242,8 @@ def _zone_chain(chain: str, profile: Profile) -> list[Cmd]:
     rules += _grant_rules(chain, profile)
     if chain != "to_host":  # the host opens only to rules that name it
         for v in (4, 6):
+            if cidr_whole(profile.allow, v):
+                rules.append(_rule(chain, _match(_daddr(v), f"@allowaddr{v}"), _verdict("accept")))
             if cidr_boxes(profile.allow, v):
                 rules.append(_rule(chain, _match({"concat": [_daddr(v), *PROTO_PORT["concat"]]}, f"@allow{v}"),
                                    _verdict("accept")))
@@ -248,6 +267,8 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
         cmds.append(_addr_set(f"host{v}", v, host_nets))
         cmds.append(_addr_set(f"lan{v}", v, lan_nets))
         cmds.append(_addr_set(f"other{v}", v, _networks(OTHER4 if v == 4 else OTHER6)))
+        cmds.append(_addr_set(f"denyaddr{v}", v, cidr_whole(profile.deny, v)))
+        cmds.append(_addr_set(f"allowaddr{v}", v, cidr_whole(profile.allow, v)))
         cmds.append(_concat_set(f"deny{v}", v, cidr_boxes(profile.deny, v)))
         cmds.append(_concat_set(f"allow{v}", v, cidr_boxes(profile.allow, v)))
         for i in range(len(name_groups(profile))):
@@ -280,6 +301,8 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
     if not profile.ipv6:  # the sandbox has no IPv6 route either; this keeps it so whatever it tries
         cmds.append(_rule("output", _match(_meta("nfproto"), "ipv6"), _verdict("reject")))
     for v in (4, 6):
+        if cidr_whole(profile.deny, v):
+            cmds.append(_rule("output", _match(_daddr(v), f"@denyaddr{v}"), _verdict("reject")))
         if cidr_boxes(profile.deny, v):
             cmds.append(_rule("output", _match({"concat": [_daddr(v), *PROTO_PORT["concat"]]}, f"@deny{v}"),
                               _verdict("reject")))

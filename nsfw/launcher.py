@@ -10,6 +10,9 @@ A FIFO rather than a file: nsfw reads it once, the writer then removes it, and n
 on disk however the launch ends. -n: sudo never prompts; the sudoers drop-in lets group nsfw run `nsfw run`
 without a password, and a launch from a menu has no terminal to ask on anyway.
 
+From inside a sandbox (a sandboxed application opening a link through the entry) no_new_privs forbids sudo:
+there the launcher starts the command in that same sandbox instead, which keeps it under that sandbox's rules.
+
 A launch from a menu has no terminal either, so what nsfw says (a refused display, a broken profile, a warning)
 would only reach a log: when stderr is not a terminal, the launcher passes it through and also shows nsfw's and
 sudo's own lines as a desktop notification (notify-send, when installed).
@@ -149,7 +152,25 @@ def _exit_status(status: int) -> int:
     return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
+def inside_a_sandbox(status: str = "/proc/self/status") -> bool:
+    """no_new_privs is set: this process descends from a sandboxed application (nsfw sets it for COMMAND), so
+    sudo cannot gain privileges here, and nothing could start a sandbox of its own."""
+    with contextlib.suppress(OSError), open(status) as f:
+        return any(line.split() == ["NoNewPrivs:", "1"] for line in f)
+    return False
+
+
 def launch(request: Request, environ: Mapping[str, str]) -> int:
+    if inside_a_sandbox():
+        # A sandboxed application opened this entry (a link clicked in a mail client, say). Failing would only
+        # break the click; starting it where we are keeps it in that sandbox, under that sandbox's rules.
+        print(f"nsfw-launch: started from inside a sandbox, where nsfw cannot start another: {request.command[0]} "
+              "runs in this one, under its profile", file=sys.stderr)
+        try:
+            os.execvp(request.command[0], list(request.command))
+        except OSError as e:
+            print(f"nsfw-launch: cannot run {request.command[0]}: {e.strerror}", file=sys.stderr)
+            return 127 if isinstance(e, FileNotFoundError) else 126
     fifo = EnvironmentFifo(environ)
     argv = run_argv(request, nsfw_path(), fifo.path, os.geteuid() == 0)
     relay = not os.isatty(2)

@@ -26,7 +26,9 @@ ZONES: tuple[str, ...] = ("internet", "lan", "host", "any")
 PROTOS: tuple[str, ...] = ("tcp", "udp", "icmp", "any")
 TOP_KEYS = ("version", "description", "include", "command", "network", "default", "allow", "deny", "remove", "ipv6",
             "log")
-RULE_KEYS = ("zone", "cidr", "host", "ports", "proto")
+RULE_KEYS = ("zone", "cidr", "host", "file", "ports", "proto")
+TARGET_KEYS = ("zone", "cidr", "host", "file")
+MAX_LIST_BYTES = 64 << 20
 MAX_INCLUDE_DEPTH = 8
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "profiles"
 SYSTEM_DIR = Path("/etc/nsfw/profiles")
@@ -40,11 +42,12 @@ _PORT = re.compile(r"^\s*([0-9]+)\s*$", re.ASCII)
 class Rule:
     """One allow or deny entry. `value` is a zone name, a normalized network, or a lower-case domain name."""
 
-    kind: Literal["zone", "cidr", "host"]
+    kind: Literal["zone", "cidr", "host", "file"]  # "file" only until the list it names is read
     value: str
     proto: Proto = "any"
     ports: tuple[tuple[int, int], ...] = ()  # inclusive ranges; empty = every port
     origin: str = ""  # "file: allow[2]" so later messages can point back at the source
+    listed_in: str = field(default="", compare=False)  # the list file an entry came from, for `remove:`
 
     @property
     def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -306,9 +309,9 @@ def parse_rule(item: Any, c: _Collector, path: tuple[Any, ...]) -> Rule | None:
         if key not in RULE_KEYS:
             c.add((*path, key), f"unknown key '{key}'", _suggest(str(key), RULE_KEYS))
             ok = False
-    targets = [k for k in ("zone", "cidr", "host") if k in item]
+    targets = [k for k in TARGET_KEYS if k in item]
     if len(targets) != 1:
-        c.add(path, "a rule needs exactly one of zone:, cidr:, host:",
+        c.add(path, "a rule needs exactly one of zone:, cidr:, host:, file:",
               f"found {', '.join(targets) or 'none'}; split it into one rule per destination")
         return None
     kind = targets[0]
@@ -323,6 +326,10 @@ def parse_rule(item: Any, c: _Collector, path: tuple[Any, ...]) -> Rule | None:
             value = None
     elif kind == "cidr":
         value = parse_network(raw, c, (*path, kind))
+    elif kind == "file":
+        value = raw.strip() or None
+        if value is None:
+            c.add((*path, kind), "names no file", "write the path of a list, relative to this profile")
     else:
         value = parse_domain(raw)
         if value is None:
@@ -550,6 +557,9 @@ def _load_tree(path: Path, dirs: Sequence[Path], read: Reader, stack: list[Path]
     if raw is None:
         return None
     digest = hashlib.sha256()
+    for which in ("allow", "deny"):
+        if any(r.kind == "file" for r in raw.keys.get(which, ())):
+            raw.keys[which] = _expand_lists(raw.keys[which], path, which, read, errors, digest)
     keys: dict[str, Any] = {}
     files: list[str] = []
     for name, key_path, line in raw.includes:
@@ -580,7 +590,11 @@ def _load_tree(path: Path, dirs: Sequence[Path], read: Reader, stack: list[Path]
     for which, removals in raw.keys.pop("remove", {}).items():
         inherited: list[Rule] = keys.get(which, [])
         for rule, key_path in removals:
-            kept = [r for r in inherited if r.key != rule.key]
+            if rule.kind == "file":  # a list goes whole: every entry that came from it
+                name = os.path.basename(rule.value)
+                kept = [r for r in inherited if os.path.basename(r.listed_in) != name or not r.listed_in]
+            else:
+                kept = [r for r in inherited if r.key != rule.key]
             if len(kept) == len(inherited):
                 have = "; ".join(describe(r) for r in inherited) or "nothing"
                 errors.append(ProfileError(str(path), f"{_format_key(key_path)} (line {raw.lines.get(key_path, '?')})",
@@ -591,6 +605,66 @@ def _load_tree(path: Path, dirs: Sequence[Path], read: Reader, stack: list[Path]
     keys = _merge(keys, raw.keys)
     digest.update(raw.data)
     return keys, [*files, str(path)], digest
+
+
+def _expand_lists(rules: list[Rule], profile: Path, which: str, read: Reader, errors: list[ProfileError],
+                  digest: Any) -> list[Rule]:
+    """Replace each `file:` rule by the entries of the list it names: one address, network or domain name a
+    line, `#` starting a comment; the rule's ports and proto apply to every entry. The list is read like the
+    profile (with the invoking user's permissions), and counts in the profile's hash."""
+    out: list[Rule] = []
+    for rule in rules:
+        if rule.kind != "file":
+            out.append(rule)
+            continue
+        target = Path(rule.value) if os.path.isabs(rule.value) else profile.parent / rule.value
+        try:
+            data = read(target)
+        except OSError as e:
+            errors.append(ProfileError(rule.origin.split(": ")[0], rule.origin.split(": ", 1)[-1],
+                                       f"names the list {target}, which cannot be read: {e.strerror or e}",
+                                       "check the path (relative to the profile) and its permissions"))
+            continue
+        if len(data) > MAX_LIST_BYTES:
+            errors.append(ProfileError(str(target), "", f"is larger than {MAX_LIST_BYTES >> 20} MiB", "split it"))
+            continue
+        digest.update(data)
+        out += parse_list(data, str(target), rule, errors, deny=which == "deny")
+    return out
+
+
+def parse_list(data: bytes, file: str, rule: Rule, errors: list[ProfileError], deny: bool = False) -> list[Rule]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        errors.append(ProfileError(file, "", "is not UTF-8 text", "save it as UTF-8"))
+        return []
+    out: list[Rule] = []
+    bad = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        if _looks_like_address(entry):
+            try:
+                net = str(ipaddress.ip_network(entry, strict=False)) if "%" not in entry else None
+            except ValueError:
+                net = None
+            if net:
+                out.append(Rule("cidr", net, rule.proto, rule.ports, f"{file}: line {number}", file))
+                continue
+        else:
+            name = parse_domain(entry)
+            if name and not (deny and (rule.ports or rule.proto != "any")):
+                out.append(Rule("host", name, rule.proto, rule.ports, f"{file}: line {number}", file))
+                continue
+        bad += 1
+        if bad <= 20:  # a broken list says so, without a million lines of it
+            errors.append(ProfileError(file, f"line {number}", f"'{entry}' is neither an address, a network "
+                                       "nor a domain name", "fix or remove the line, or comment it out with #"))
+    if bad > 20:
+        errors.append(ProfileError(file, "", f"{bad - 20} more bad lines", "fix the list"))
+    return out
 
 
 def describe(rule: Rule) -> str:

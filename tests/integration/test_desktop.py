@@ -122,15 +122,19 @@ def _session_env(inst: Install, user: Any, **extra: str) -> dict[str, str]:
     }
 
 
+def _user_cmd(user: Any, argv: list[str], env: dict[str, str]) -> list[str]:
+    """argv as the user, with the user's groups (nsfw included), as a session would start it. The environment
+    is set only once the ids are the user's (`env -i`): no root process of the harness ever sees it."""
+    return ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups", "--",
+            "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv]
+
+
 def _as_user(world: Any, user: Any, argv: list[str], env: dict[str, str], **kw: Any) -> Any:
-    """argv as the user, with the user's groups (nsfw included), as a session would start it."""
-    cmd = ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups", "--", *argv]
-    return world.run(cmd, env=env, **kw)
+    return world.run(_user_cmd(user, argv, env), env={"PATH": TOOL_PATH}, **kw)
 
 
 def _as_user_popen(world: Any, user: Any, argv: list[str], env: dict[str, str], **kw: Any) -> Any:
-    cmd = ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups", "--", *argv]
-    return world.popen(cmd, env=env, **kw)
+    return world.popen(_user_cmd(user, argv, env), env={"PATH": TOOL_PATH}, **kw)
 
 
 def _settle(world: Any, timeout: float = 15) -> None:
@@ -247,6 +251,26 @@ Exec={PY} -I "{quoted}" --second %f
     assert json.loads(done.stdout)["argv"] == ["--second", "/tmp/x y.txt"]
 
 
+def test_launch_from_inside_a_sandbox_stays_in_it(world: Any, install: Install, test_user: Any,
+                                                 report_app: Path) -> None:
+    # a sandboxed app opening a wrapped entry (a link clicked in a mail client): sudo cannot work under
+    # no_new_privs, so the command starts in the caller's sandbox, under the caller's (stricter) rules
+    _write_entry(install, test_user, "inner.desktop",
+                 f"[Desktop Entry]\nType=Application\nName=I\nExec={PY} -I \"{report_app}\" inner %u\n")
+    entry = _wrap(world, install, test_user, "inner", "--profile", "default")
+    argv = _exec_argv(entry, urls=("https://example.org/",))
+    outer = ["sudo", "-n", install.nsfw, "run", "-p", "offline", "--", "sh", "-c",
+             'readlink /proc/self/ns/net; exec "$@"', "sh", *argv]
+    done = _as_user(world, test_user, outer, _session_env(install, test_user), timeout=60)
+    _settle(world)
+    assert done.returncode == 0, done.stderr
+    netns, report = done.stdout.split("\n", 1)
+    out = json.loads(report)
+    assert out["netns"] == netns and out["links"] == ["lo"] and out["uid"][0] == test_user.uid
+    assert out["argv"] == ["inner", "https://example.org/"]
+    assert "started from inside a sandbox" in done.stderr
+
+
 def test_launch_failure_is_reported_and_nothing_runs(world: Any, install: Install, test_user: Any,
                                                      report_app: Path) -> None:
     _write_entry(install, test_user, "broken.desktop",
@@ -300,13 +324,15 @@ def test_member_may_run_nsfw_run_and_nothing_else(world: Any, install: Install, 
         ["-g", "root", install.nsfw, "run", "-p", "offline", "--", "id"],
         ["-E", install.nsfw, "run", "-p", "offline", "--", "id"],
         ["--preserve-env=PYTHONPATH", install.nsfw, "run", "-p", "offline", "--", "id"],
+        ["--preserve-env=DISPLAY", install.nsfw, "run", "-p", "offline", "--", "id"],
         ["LD_PRELOAD=/nonexistent/evil.so", install.nsfw, "run", "-p", "offline", "--", "id"],
         ["NSFW_TEST_FAIL_AT=record", install.nsfw, "run", "-p", "offline", "--", "id"],
         ["-s"],
         ["-i"],
     ]
+    env = {"PATH": TOOL_PATH, "HOME": test_user.home, "PYTHONPATH": "/tmp", "DISPLAY": ":0"}
     for argv in refused:
-        done = _sudo(world, test_user, *argv)
+        done = _sudo(world, test_user, *argv, env=env)
         assert done.returncode != 0 and "uid=0" not in done.stdout and done.stdout.strip() != "0", (argv, done)
         assert "sudo:" in done.stderr, (argv, done.stderr)
 
@@ -335,9 +361,11 @@ def test_files_the_member_cannot_read_stay_unread(world: Any, install: Install, 
     link = install.root / "home" / "runtime" / "link"
     link.symlink_to(secret)
     try:
-        for opts in ([f"--environment={secret}"], [f"--environment={link}"], ["--environment=/etc/shadow"],
-                     [f"--profile={profile}"], ["--profile=/etc/shadow"], ["--environment=/proc/1/environ"]):
-            done = _sudo(world, test_user, install.nsfw, "run", *opts, "-p", "offline", "--", "env")
+        offline = ["--profile=offline"]
+        for opts in ([*offline, f"--environment={secret}"], [*offline, f"--environment={link}"],
+                     [*offline, "--environment=/etc/shadow"], [*offline, "--environment=/proc/1/environ"],
+                     [f"--profile={profile}"], ["--profile=/etc/shadow"]):
+            done = _sudo(world, test_user, install.nsfw, "run", *opts, "--", "env")
             assert done.returncode == 125, (opts, done.stdout, done.stderr)
             assert "cannot be read by you" in done.stderr or "Permission denied" in done.stderr, done.stderr
             assert "top-secret" not in done.stdout + done.stderr and "root:" not in done.stdout + done.stderr
@@ -365,7 +393,6 @@ def test_environment_variables_reach_no_root_process(world: Any, install: Instal
     (evil / "profiles").mkdir(parents=True)
     marks = evil / "marks"
     marks.mkdir()
-    os.chmod(marks, 0o777)
     for name in ("sitecustomize.py", "yaml.py", "click.py"):
         (evil / name).write_text(f"import os\nopen('{marks}/py-' + str(os.geteuid()), 'w').close()\n")
     (evil / "profiles" / "offline.yaml").write_text("network: nat\ndefault: allow\n")  # a look-alike
@@ -377,6 +404,8 @@ def test_environment_variables_reach_no_root_process(world: Any, install: Instal
         preload = str(evil / "evil.so")
     _world_readable(evil)
     os.chmod(marks, 0o777)
+    (marks / "so").touch(mode=0o666)
+    os.chmod(marks / "so", 0o666)  # whoever loads the library can say so, root or the user
     hostile = {"PYTHONPATH": str(evil), "PYTHONSTARTUP": str(evil / "yaml.py"), "PYTHONHOME": str(evil),
                "PYTHONUSERBASE": str(evil), "LD_PRELOAD": preload, "LD_LIBRARY_PATH": str(evil),
                "NSFW_TEST_FAIL_AT": "record", "NSFW_TEST_KILL_AT": "netns", "NSFW_PROFILE_PATH": str(evil / "profiles"),
@@ -404,8 +433,8 @@ def test_environment_variables_reach_no_root_process(world: Any, install: Instal
         assert lines[:2] == [str(test_user.uid), "0"] and lines[-1] == "1", done.stdout
         marked = sorted(os.listdir(marks))
         assert all(m in (f"py-{test_user.uid}", "so") for m in marked), marked
-        if (marks / "so").exists():
-            assert set((marks / "so").read_text().split()) == {str(test_user.uid)}  # only the user's processes
+        if cc is not None:  # the library was loaded, and only ever by the user's own processes
+            assert set((marks / "so").read_text().split()) == {str(test_user.uid)}
     finally:
         shutil.rmtree(evil)
 

@@ -525,12 +525,14 @@ def test_ipv4_only_rules_leave_the_ipv6_sets_empty() -> None:
     pr = prof(["10.0.0.0/8", "{cidr: 192.0.2.0/24, ports: [443], proto: tcp}"],
               ["{cidr: 10.9.0.0/16, proto: udp}"])
     cmds = nc.sandbox_ruleset(pr)
-    assert "elem" not in named_set(cmds, "allow6") and "elem" not in named_set(cmds, "deny6")
+    for name in ("allow6", "deny6", "allowaddr6", "denyaddr6"):
+        assert "elem" not in named_set(cmds, name)
     assert named_set(cmds, "allow4")["elem"] and named_set(cmds, "deny4")["elem"]
-    assert not any(mentions(c, "@allow6") or mentions(c, "@deny6") for c in cmds)
+    assert named_set(cmds, "allowaddr4")["elem"]  # the whole /8: a plain interval set
+    assert not any(mentions(c, "@allow6") or mentions(c, "@deny6") or mentions(c, "@allowaddr6") for c in cmds)
     v6 = nc.sandbox_ruleset(prof(["2001:db8::/32"]))
-    assert "elem" not in named_set(v6, "allow4") and named_set(v6, "allow6")["elem"]
-    assert not any(mentions(c, "@allow4") for c in v6)
+    assert "elem" not in named_set(v6, "allowaddr4") and named_set(v6, "allowaddr6")["elem"]
+    assert not any(mentions(c, "@allow4") or mentions(c, "@allowaddr4") for c in v6)
 
 
 def test_any_zone_means_lan_and_internet_not_host_nor_other() -> None:
@@ -669,10 +671,11 @@ def test_overlapping_cidrs_become_disjoint_set_elements() -> None:
 def test_addr_elements_use_the_shortest_form() -> None:
     cmds = nc.sandbox_ruleset(prof(["8.8.8.8", "192.0.2.0/24", "2001:db8::1", "{cidr: 10.0.0.0/8, ports: [1]}",
                                     "{cidr: 10.1.0.0/16, ports: [2]}"]))
+    whole = named_set(cmds, "allowaddr4")["elem"]
+    assert "8.8.8.8" in whole and {"prefix": {"addr": "192.0.2.0", "len": 24}} in whole
     elems = [e["concat"][0] for e in named_set(cmds, "allow4")["elem"]]
-    assert "8.8.8.8" in elems and {"prefix": {"addr": "192.0.2.0", "len": 24}} in elems
     assert {"range": ["10.2.0.0", "10.255.255.255"]} in elems
-    assert [e["concat"][0] for e in named_set(cmds, "allow6")["elem"]] == ["2001:db8::1"]
+    assert named_set(cmds, "allowaddr6")["elem"] == ["2001:db8::1"]
 
 
 # ---------------------------------------------------------------------------------------------- host side

@@ -327,6 +327,15 @@ def test_launcher_fifo_serves_once_then_vanishes(tmp_path: Path) -> None:
     assert not os.path.exists(fifo.dir)
 
 
+def test_launcher_knows_when_it_is_inside_a_sandbox(tmp_path: Path) -> None:
+    status = tmp_path / "status"
+    status.write_text("Name:\tx\nNoNewPrivs:\t1\nSeccomp:\t0\n")
+    assert launcher.inside_a_sandbox(str(status))
+    status.write_text("Name:\tx\nNoNewPrivs:\t0\n")
+    assert not launcher.inside_a_sandbox(str(status))
+    assert not launcher.inside_a_sandbox(str(tmp_path / "missing"))
+
+
 def test_launcher_collects_only_nsfw_and_sudo_lines() -> None:
     pending, notes = bytearray(), []  # type: ignore[var-annotated]
     launcher._own_lines(b"app: hello\nnsfw: warning: x\nsu", pending, notes)
