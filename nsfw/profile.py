@@ -30,7 +30,9 @@ RULE_KEYS = ("zone", "cidr", "host", "file", "ports", "proto")
 TARGET_KEYS = ("zone", "cidr", "host", "file")
 MAX_LIST_BYTES = 64 << 20
 MAX_INCLUDE_DEPTH = 8
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "profiles"
+# Next to the package in a checkout or under /usr/local/lib/nsfw; /usr/share/nsfw/profiles from the .deb.
+_BESIDE = Path(__file__).resolve().parent.parent / "profiles"
+SHIPPED_DIR = _BESIDE if _BESIDE.is_dir() else Path("/usr/share/nsfw/profiles")
 SYSTEM_DIR = Path("/etc/nsfw/profiles")
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
