@@ -168,6 +168,14 @@ def _name_comments(prof: profiles.Profile) -> str:
 
 
 @cli.command()
+def schema() -> None:
+    """Print the profile format as a JSON Schema, for editors (yaml-language-server)."""
+    from .schema import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=1))
+
+
+@cli.command()
 def demo() -> None:
     """Show nsfw at work in a simulated world of network namespaces (needs root; touches no real network)."""
     from . import demo as demo_mod

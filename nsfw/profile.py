@@ -35,7 +35,32 @@ _BESIDE = Path(__file__).resolve().parent.parent / "profiles"
 SHIPPED_DIR = _BESIDE if _BESIDE.is_dir() else Path("/usr/share/nsfw/profiles")
 SYSTEM_DIR = Path("/etc/nsfw/profiles")
 
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+CHOICES: dict[str, tuple[str, ...]] = {"network": ("none", "nat"), "default": ("allow", "deny"),
+                                        "log": ("off", "denied", "all")}
+DEFAULTS = {"network": "nat", "default": "deny", "ipv6": True, "log": "denied"}
+# What each key means: the JSON Schema (`nsfw schema`) and the documentation say it the same way.
+DESCRIPTIONS = {
+    "version": "Profile format version; 1 when given.",
+    "description": "What the profile is for, one line.",
+    "include": "Profiles merged first, in order; this file's keys win; allow and deny lists concatenate. "
+               "A profile's own name reaches the next profile of that name down the search path.",
+    "command": "What `nsfw run -p NAME` runs when no command follows.",
+    "network": "none: loopback only; nat: a veth pair to the host, NAT'd.",
+    "default": "The verdict for outbound traffic that no rule matches.",
+    "allow": "Outbound destinations permitted.",
+    "deny": "Outbound destinations refused; deny wins over allow.",
+    "remove": "Rules to drop from what include: brought in, written as the included profile writes them.",
+    "ipv6": "IPv6 through the host when the host has an IPv6 default route.",
+    "log": "Which verdicts to log.",
+    "zone": "internet, lan, host (only where named) or any (internet and lan).",
+    "cidr": "An IPv4 or IPv6 address or network, without host bits.",
+    "host": "A domain name of two labels or more, or *.NAME for its subdomains at any depth.",
+    "file": "A list file (relative to the profile): one address, network or domain name a line; # comments.",
+    "ports": "Ports 1-65535 or \"LOW-HIGH\" ranges.",
+    "proto": "tcp, udp, icmp or any (with ports, any means tcp and udp).",
+}
+LABEL_PATTERN = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_LABEL = re.compile(f"^{LABEL_PATTERN}$")
 _PORT_RANGE = re.compile(r"^\s*([0-9]+)\s*-\s*([0-9]+)\s*$", re.ASCII)
 _PORT = re.compile(r"^\s*([0-9]+)\s*$", re.ASCII)
 
@@ -435,8 +460,6 @@ def parse_file(path: Path, data: bytes) -> tuple[_Raw | None, list[ProfileError]
 
 
 _INVALID = object()
-_CHOICES: dict[str, tuple[str, ...]] = {"network": ("none", "nat"), "default": ("allow", "deny"),
-                                        "log": ("off", "denied", "all")}
 
 
 def _parse_top(key: str, value: Any, c: _Collector) -> Any:
@@ -463,11 +486,11 @@ def _parse_top(key: str, value: Any, c: _Collector) -> Any:
             c.add(path, "must be a list: the program and its arguments", "write e.g. command: [firefox, --new-window]")
             return _INVALID
         return tuple(str(x) for x in items)
-    if key in _CHOICES:
+    if key in CHOICES:
         if key == "log" and value is False:  # YAML 1.1 reads a bare `off` as false
             return "off"
-        if not isinstance(value, str) or value.lower() not in _CHOICES[key]:
-            c.add(path, f"'{value}' is not allowed here", _suggest(str(value), _CHOICES[key]))
+        if not isinstance(value, str) or value.lower() not in CHOICES[key]:
+            c.add(path, f"'{value}' is not allowed here", _suggest(str(value), CHOICES[key]))
             return _INVALID
         return value.lower()
     if key == "remove":
@@ -526,12 +549,12 @@ def load(ref: str, dirs: Sequence[Path], read: Reader = _read_plain) -> Profile:
         path=str(path),
         description=keys.get("description", ""),
         command=tuple(keys.get("command", ())),
-        network=keys.get("network", "nat"),
-        default=keys.get("default", "deny"),
+        network=keys.get("network", DEFAULTS["network"]),
+        default=keys.get("default", DEFAULTS["default"]),
         allow=tuple(keys.get("allow", ())),
         deny=tuple(keys.get("deny", ())),
-        ipv6=keys.get("ipv6", True),
-        log=keys.get("log", "denied"),
+        ipv6=keys.get("ipv6", DEFAULTS["ipv6"]),
+        log=keys.get("log", DEFAULTS["log"]),
         sha256=digest.hexdigest(),
         files=tuple(files),
     )
