@@ -15,7 +15,9 @@ from . import profile as p
 SCHEMA_ID = "https://nsfw.invalid/schema/profile-v1.json"
 PORT_TEXT = r"^\s*[0-9]{1,5}\s*(-\s*[0-9]{1,5}\s*)?$"
 IPV4 = r"(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}"
-CIDR = rf"^\s*(({IPV4})(/([0-9]|[12][0-9]|3[0-2]))?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(/([0-9]{{1,2}}|1[01][0-9]|12[0-8]))?)\s*$"
+V4_NET = rf"({IPV4})(/([0-9]|[12][0-9]|3[0-2]))?"
+V6_NET = r"[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(/([0-9]{1,2}|1[01][0-9]|12[0-8]))?"
+CIDR = rf"^\s*({V4_NET}|{V6_NET})\s*$"
 NAME = rf"^\s*(\*\.)?({p.LABEL_PATTERN}\.)+{p.LABEL_PATTERN}\.?\s*$"
 
 
@@ -27,7 +29,7 @@ def _rule() -> dict[str, Any]:
     ports = {"type": "array", "minItems": 1, "items": {"oneOf": [
         {"type": "integer", "minimum": 1, "maximum": 65535},
         {"type": "string", "pattern": PORT_TEXT}]}}
-    targets = {
+    targets: dict[str, dict[str, Any]] = {
         "zone": {"enum": list(p.ZONES)},
         "cidr": {"type": "string", "pattern": CIDR},
         "host": {"type": "string", "pattern": NAME},
