@@ -58,8 +58,21 @@ def _dirs(home: str | None = None) -> list[Path]:
     return profiles.search_path(os.environ, home or os.path.expanduser("~"))
 
 
+def _complete_profile(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion: the profile names along the search path, or files once the word looks like a path."""
+    from click.shell_completion import CompletionItem
+
+    if profiles.is_path(incomplete):
+        return [CompletionItem(incomplete, type="file")]
+    try:
+        return [CompletionItem(n) for n in profiles.available(_dirs()) if n.startswith(incomplete)]
+    except OSError:
+        return []
+
+
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.option("-p", "--profile", "ref", metavar="NAME|PATH", help="Profile to apply (default: named after COMMAND).")
+@click.option("-p", "--profile", "ref", metavar="NAME|PATH", help="Profile to apply (default: named after COMMAND).",
+              shell_complete=_complete_profile)
 @click.option("--new", is_flag=True, help="Start a separate sandbox instead of joining your running one.")
 @click.option("--environment", "env_file", metavar="FILE", help="COMMAND's environment instead of nsfw's own: "
               "NUL-separated NAME=VALUE entries, read as you (nsfw-launch passes your session's this way).")
@@ -111,7 +124,7 @@ def run(ref: str | None, new: bool, env_file: str | None, command: tuple[str, ..
 
 
 @cli.command()
-@click.argument("refs", nargs=-1, required=True, metavar="PROFILE...")
+@click.argument("refs", nargs=-1, required=True, metavar="PROFILE...", shell_complete=_complete_profile)
 def check(refs: tuple[str, ...]) -> None:
     """Validate profiles: exit 0 when all are valid, else 1 with one line per problem."""
     dirs = _dirs()
@@ -128,7 +141,7 @@ def check(refs: tuple[str, ...]) -> None:
 
 
 @cli.command()
-@click.argument("ref", metavar="PROFILE")
+@click.argument("ref", metavar="PROFILE", shell_complete=_complete_profile)
 @click.option("--json", "as_json", is_flag=True, help="Print libnftables JSON instead of nft syntax.")
 def rules(ref: str, as_json: bool) -> None:
     """Print the ruleset that `nsfw run` loads inside the sandbox for PROFILE.

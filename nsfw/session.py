@@ -229,5 +229,9 @@ def check(argv: Sequence[str], environ: Mapping[str, str], uid: int) -> list[str
     refusal, warnings = display_problem(environ)
     if refusal is not None:
         raise SessionError(refusal)
-    warning = single_instance_warning(same_app_outside(argv, environ, uid))
-    return [*warnings, *([warning] if warning else [])]
+    # Handing a launch over to a running copy is what graphical applications do (over the session bus or the
+    # display); without a display, a second `git` or `curl` outside nsfw is just another process.
+    if environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY"):
+        warning = single_instance_warning(same_app_outside(argv, environ, uid))
+        warnings += [warning] if warning else []
+    return warnings

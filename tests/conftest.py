@@ -27,9 +27,10 @@ from nsfw.world import PYTHON, ProbeResult, World  # noqa: E402
 INTEGRATION = ROOT / "tests" / "integration"
 TOOLS = ("ip", "nft", "nsenter", "unshare", "useradd", "setpriv")
 
-TEST_USER = "nsfwtest"
-TEST_GROUP = "nsfwtestgrp"
-# Set on the account when the fixture makes it: an `nsfwtest` without it is somebody's, never reused or removed.
+# One account per test session, so two sessions on one machine never remove each other's user.
+TEST_USER = f"nsfwt{os.getpid()}"
+TEST_GROUP = f"nsfwg{os.getpid()}"
+# Set on the account when the fixture makes it: an account without it is somebody's, never reused or removed.
 TEST_USER_MARK = "nsfw test suite, throwaway"
 
 
@@ -122,7 +123,20 @@ def _run(*argv: str) -> None:
         raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
 
 
+def _remove_stale_test_users() -> None:
+    """Accounts of earlier sessions that were killed before their clean-up (their pid is gone)."""
+    for entry in pwd.getpwall():
+        if entry.pw_gecos == TEST_USER_MARK and entry.pw_name.startswith("nsfwt") and entry.pw_name != TEST_USER:
+            pid = entry.pw_name[len("nsfwt"):]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                subprocess.run(["userdel", "--remove", "--force", entry.pw_name], capture_output=True, check=False)
+                for group in (f"nsfwg{pid}", entry.pw_name):
+                    if _exists(grp.getgrnam, group):
+                        subprocess.run(["groupdel", group], capture_output=True, check=False)
+
+
 def _ensure_test_user() -> LocalUser:
+    _remove_stale_test_users()
     if not _exists(grp.getgrnam, TEST_GROUP):
         _run("groupadd", TEST_GROUP)
     if _exists(pwd.getpwnam, TEST_USER):

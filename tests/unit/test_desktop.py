@@ -452,6 +452,20 @@ def test_same_app_outside_finds_the_users_own_copy(tmp_path: Path) -> None:
         proc.wait()
 
 
+def test_check_warns_about_a_running_copy_only_in_a_graphical_session(tmp_path: Path) -> None:
+    app = tmp_path / "guiapp"
+    shutil.copy("/bin/sleep", app)
+    proc = subprocess.Popen([str(app), "30"])
+    try:
+        env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+        assert session.check(["guiapp"], env, os.getuid()) == []
+        warnings = session.check(["guiapp"], {**env, "WAYLAND_DISPLAY": "wayland-0"}, os.getuid())
+        assert len(warnings) == 1 and "guiapp already runs outside nsfw" in warnings[0]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # ---------------------------------------------------------------------------------------------- the store
 
 
