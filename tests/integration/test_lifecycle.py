@@ -279,3 +279,21 @@ def test_fifty_parallel_launches_while_gc_runs(world: Any) -> None:
     assert all(o[2] == "0" and o[3] == "3" for o in outs), "every sandbox's policy held"
     assert gc_runs[0] >= 2
     settle(world, 30)
+
+
+# ---------------------------------------------------------------------------------------------- other firewalls
+
+
+def test_a_forward_drop_by_another_firewall_is_refused_at_launch(world: Any, tmp_path: Path) -> None:
+    ruleset = tmp_path / "docker-like.nft"
+    ruleset.write_text("table ip filter {\n chain FORWARD { type filter hook forward priority 0; policy drop; }\n}\n")
+    assert world.run(["nft", "-f", str(ruleset)]).returncode == 0
+    try:
+        marker = tmp_path / "ran"
+        done = run(world, "default", "touch", str(marker))
+        assert done.returncode == 125, done.stderr
+        assert "FORWARD" in done.stderr and "nsfw doctor" in done.stderr
+        assert not marker.exists()
+        assert run(world, "offline", "true").returncode == 0  # no forwarding needed, nothing in the way
+    finally:
+        world.run(["nft", "delete", "table", "ip", "filter"])
