@@ -76,6 +76,13 @@ install: deps
 	sed 's|@NSFW@|$(PREFIX)/bin/nsfw|' desktop-wrappers/nsfw.sudoers > /etc/sudoers.d/.nsfw.new
 	visudo -cf /etc/sudoers.d/.nsfw.new || { rm -f /etc/sudoers.d/.nsfw.new; exit 1; }
 	chmod 0440 /etc/sudoers.d/.nsfw.new && mv -f /etc/sudoers.d/.nsfw.new /etc/sudoers.d/nsfw
+	@# man pages, and shell completion (click's scripts from completion/; profile names complete)
+	install -d $(MANDIR)/man1 $(MANDIR)/man5 $(BASHCOMPDIR) $(ZSHCOMPDIR) $(FISHCOMPDIR)
+	install -m 0644 man/nsfw.1 man/nsfw-launch.1 $(MANDIR)/man1/
+	install -m 0644 man/nsfw-profile.5 $(MANDIR)/man5/nsfw-profile.5
+	install -m 0644 completion/nsfw.bash $(BASHCOMPDIR)/nsfw
+	install -m 0644 completion/nsfw.zsh $(ZSHCOMPDIR)/_nsfw
+	install -m 0644 completion/nsfw.fish $(FISHCOMPDIR)/nsfw.fish
 
 uninstall:
 	rm -rf $(LIBDIR) $(PREFIX)/bin/nsfw
@@ -84,7 +91,22 @@ uninstall:
 	@if [ -d /run/systemd/system ]; then systemctl disable --now nsfw-gc.timer 2>/dev/null || true; fi
 	rm -f $(PREFIX)/lib/systemd/system/nsfw-gc.service $(PREFIX)/lib/systemd/system/nsfw-gc.timer
 	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	rm -f $(MANDIR)/man1/nsfw.1 $(MANDIR)/man1/nsfw-launch.1 $(MANDIR)/man5/nsfw-profile.5
+	rm -f $(BASHCOMPDIR)/nsfw $(ZSHCOMPDIR)/_nsfw $(FISHCOMPDIR)/nsfw.fish
 
 clean:
 	rm -rf $(DEV_VENV) .mypy_cache .ruff_cache .pytest_cache bench/results
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Where `make install` puts man pages and completion: the directories man, bash-completion, zsh and fish read
+# under PREFIX (zsh reads vendor-completions under /usr, site-functions under /usr/local).
+MANDIR      := $(PREFIX)/share/man
+BASHCOMPDIR := $(PREFIX)/share/bash-completion/completions
+ZSHCOMPDIR  := $(PREFIX)/share/zsh/$(if $(filter /usr,$(PREFIX)),vendor-completions,site-functions)
+FISHCOMPDIR := $(PREFIX)/share/fish/vendor_completions.d
+
+# The Debian package, built with dpkg-deb from a staging tree (packaging/build-deb): build/nsfw_VERSION_all.deb.
+# tests/integration/test_deb.py installs it, runs `nsfw demo` from it and purges it.
+.PHONY: deb
+deb:
+	packaging/build-deb build

@@ -27,9 +27,11 @@ def _clear(net: ipaddress.IPv4Network) -> bool:
 
 def blocklist(n: int, seed: int = 1) -> list[str]:
     """n IPv4 CIDRs, about 10% of them inside an earlier one, 10% right next to one, 1% repeated, the rest
-    scattered with prefix lengths mostly /20 to /32."""
+    scattered, mostly /32 and /24 with a few networks as large as /16."""
     rng = random.Random(seed)
-    lengths = [12, 14, 16, 18, 20, 22, 24, 24, 24, 26, 28, 30, 32, 32, 32, 32]
+    # mostly single hosts and /24s, a few larger networks, as in public blocklists
+    lengths, weights = (16, 18, 20, 22, 24, 25, 26, 27, 28, 29, 30, 31, 32), (5, 10, 30, 50, 300, 30, 30, 30, 30, 30,
+                                                                             30, 20, 405)
     out: list[ipaddress.IPv4Network] = []
     while len(out) < n:
         roll = rng.random()
@@ -52,7 +54,7 @@ def blocklist(n: int, seed: int = 1) -> list[str]:
         if out and roll < 0.21:  # the same again
             out.append(out[rng.randrange(len(out))])
             continue
-        length = rng.choice(lengths)
+        length = rng.choices(lengths, weights)[0]
         base = rng.getrandbits(32) & ~((1 << (32 - length)) - 1)
         net = ipaddress.IPv4Network((base, length))
         if _clear(net):

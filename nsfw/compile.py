@@ -237,14 +237,23 @@ def _grant_rules(chain: str, profile: Profile) -> list[Cmd]:
     return out
 
 
-def _zone_chain(chain: str, profile: Profile) -> list[Cmd]:
+Parts = dict[tuple[str, int], Any]  # ("allow" | "deny", version) -> (whole networks, port-specific boxes)
+
+
+def _parts(profile: Profile) -> Parts:
+    """Each list's cidr rules split once per compile, not once per chain: a blocklist is large."""
+    return {(which, v): (cidr_whole(rules, v), cidr_boxes(rules, v))
+            for which, rules in (("allow", profile.allow), ("deny", profile.deny)) for v in (4, 6)}
+
+
+def _zone_chain(chain: str, profile: Profile, parts: Parts) -> list[Cmd]:
     rules = _cells_rule(chain, _zone_cells(profile.deny, chain), "reject")
     rules += _grant_rules(chain, profile)
     if chain != "to_host":  # the host opens only to rules that name it
         for v in (4, 6):
-            if cidr_whole(profile.allow, v):
+            if parts["allow", v][0]:
                 rules.append(_rule(chain, _match(_daddr(v), f"@allowaddr{v}"), _verdict("accept")))
-            if cidr_boxes(profile.allow, v):
+            if parts["allow", v][1]:
                 rules.append(_rule(chain, _match({"concat": [_daddr(v), *PROTO_PORT["concat"]]}, f"@allow{v}"),
                                    _verdict("accept")))
     rules += _cells_rule(chain, _zone_cells(profile.allow, chain), "accept")
@@ -260,6 +269,7 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
     """The table loaded inside the sandbox's namespace. `env` fills the host and lan sets at launch; without it
     (`nsfw rules`) they hold only what every machine shares, so the output is the same everywhere."""
     env = env or HostEnv()
+    parts = _parts(profile)
     host_nets = [ipaddress.ip_network(a) for a in (*env.addresses, *map(ipaddress.ip_address, gateways))]
     lan_nets = _networks(LAN4 + LAN6) + list(env.connected)
     cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}]
@@ -267,10 +277,10 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
         cmds.append(_addr_set(f"host{v}", v, host_nets))
         cmds.append(_addr_set(f"lan{v}", v, lan_nets))
         cmds.append(_addr_set(f"other{v}", v, _networks(OTHER4 if v == 4 else OTHER6)))
-        cmds.append(_addr_set(f"denyaddr{v}", v, cidr_whole(profile.deny, v)))
-        cmds.append(_addr_set(f"allowaddr{v}", v, cidr_whole(profile.allow, v)))
-        cmds.append(_concat_set(f"deny{v}", v, cidr_boxes(profile.deny, v)))
-        cmds.append(_concat_set(f"allow{v}", v, cidr_boxes(profile.allow, v)))
+        cmds.append(_addr_set(f"denyaddr{v}", v, parts["deny", v][0]))
+        cmds.append(_addr_set(f"allowaddr{v}", v, parts["allow", v][0]))
+        cmds.append(_concat_set(f"deny{v}", v, parts["deny", v][1]))
+        cmds.append(_concat_set(f"allow{v}", v, parts["allow", v][1]))
         for i in range(len(name_groups(profile))):
             cmds.append(_timeout_set(grant_set(i, v), v))
         if denied_names(profile):
@@ -301,9 +311,9 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
     if not profile.ipv6:  # the sandbox has no IPv6 route either; this keeps it so whatever it tries
         cmds.append(_rule("output", _match(_meta("nfproto"), "ipv6"), _verdict("reject")))
     for v in (4, 6):
-        if cidr_whole(profile.deny, v):
+        if parts["deny", v][0]:
             cmds.append(_rule("output", _match(_daddr(v), f"@denyaddr{v}"), _verdict("reject")))
-        if cidr_boxes(profile.deny, v):
+        if parts["deny", v][1]:
             cmds.append(_rule("output", _match({"concat": [_daddr(v), *PROTO_PORT["concat"]]}, f"@deny{v}"),
                               _verdict("reject")))
         if denied_names(profile):  # addresses learned for denied names, while they are known
@@ -314,7 +324,7 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
     cmds.append(_rule("output", _verdict("goto", "to_internet")))
 
     for chain in ZONE_CHAINS:
-        cmds += _zone_chain(chain, profile)
+        cmds += _zone_chain(chain, profile, parts)
 
     cmds += [
         _rule("input", _match(_meta("iif"), "lo"), _verdict("accept")),

@@ -144,6 +144,9 @@ def wrap(sc: Scope, app: str, profile: str | None, launcher: str | None = None) 
     if original is None:
         where = ", ".join(str(d / "applications") for d in sc.search)
         raise DesktopError(f"no desktop entry {wanted} in {where} (see the ids with `ls` there)")
+    if target.exists() and target != original and not _is_wrapper(target):
+        # not on the search path (a custom $XDG_DATA_DIRS without /usr/local/share), yet where the copy goes
+        raise DesktopError(f"{target} exists and nsfw did not write it: move it away first, then wrap again")
     data, _ = _read_entry(original)
     # A file of the caller's own stands where the copy goes: it is kept, moved aside, for unwrap to put back.
     moved = sc.originals / original.relative_to(sc.applications) if sc.applications in original.parents else None

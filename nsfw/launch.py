@@ -112,7 +112,10 @@ def _group_list(name: str, gid: int) -> tuple[int, ...]:
 # --- reading the user's files ----------------------------------------------------------------------------
 
 
-def read_as_user(path: str | os.PathLike[str], user: User) -> bytes:
+READ_LIMIT = 64 << 20  # a profile's list of 100,000 networks is a few MB; /dev/zero is not a profile
+
+
+def read_as_user(path: str | os.PathLike[str], user: User, limit: int = READ_LIMIT) -> bytes:
     """The bytes of path, read with the user's permissions, never root's. Raises the OSError the user would get.
 
     The read happens in a forked child that drops to the user for good and sends the bytes back through a
@@ -123,17 +126,23 @@ def read_as_user(path: str | os.PathLike[str], user: User) -> bytes:
     if os.geteuid() != 0 or user.uid == 0:
         # Not root: the OS already applies our own permissions. Reading for root as root: nothing to drop.
         with open(path, "rb") as f:
-            return f.read()
-    return _read_in_child(os.fspath(path), user)
+            return _bounded(f.read(limit + 1), limit, os.fspath(path))
+    return _bounded(_read_in_child(os.fspath(path), user, limit), limit, os.fspath(path))
 
 
-def _read_in_child(path: str, user: User) -> bytes:
+def _bounded(data: bytes, limit: int, path: str) -> bytes:
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit >> 20} MiB, which nsfw does not read", path)
+    return data
+
+
+def _read_in_child(path: str, user: User, limit: int) -> bytes:
     read_end, write_end = os.pipe()
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         os.close(read_end)
-        _read_child(path, user, parent, write_end)
+        _read_child(path, user, parent, write_end, limit)
     os.close(write_end)
     try:
         reply = _read_all(read_end)
@@ -143,7 +152,7 @@ def _read_in_child(path: str, user: User) -> bytes:
     return _decode_read_reply(reply, path, user)
 
 
-def _read_child(path: str, user: User, parent: int, out: int) -> NoReturn:
+def _read_child(path: str, user: User, parent: int, out: int, limit: int) -> NoReturn:
     try:
         try:
             _become(user)
@@ -153,11 +162,11 @@ def _read_child(path: str, user: User, parent: int, out: int) -> NoReturn:
             raise
         try:
             with open(path, "rb") as f:
-                data = f.read()
+                data = f.read(limit + 1)  # no more than the caller accepts, and never all of /dev/zero
         except OSError as exc:
             _write_all(out, b"E%d" % (exc.errno or errno.EIO))
         else:
-            _write_all(out, b"D" + data)
+            _write_all(out, b"E%d" % errno.EFBIG if len(data) > limit else b"D" + data)
     finally:
         os._exit(0)
 

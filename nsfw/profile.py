@@ -7,12 +7,14 @@ the file, the key (with its line) and what would fix it.
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
 import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,7 +78,7 @@ class Rule:
     origin: str = ""  # "file: allow[2]" so later messages can point back at the source
     listed_in: str = field(default="", compare=False)  # the list file an entry came from, for `remove:`
 
-    @property
+    @cached_property
     def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         return ipaddress.ip_network(self.value)
 
@@ -183,7 +185,11 @@ def _format_key(path: tuple[Any, ...]) -> str:
     return out
 
 
-class _Loader(yaml.SafeLoader):
+# libyaml's parser when present (ten times faster on a profile of a hundred rules), the same safe constructor
+_Base: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_Base):  # type: ignore[misc]
     """YAML as profiles need it: no timestamps (`2024-02-30` in a command stays text, and cannot crash us)."""
 
 
@@ -575,7 +581,11 @@ def _load_tree(path: Path, dirs: Sequence[Path], read: Reader, stack: list[Path]
         errors.append(ProfileError(str(path), "", "is a directory", "name a .yaml file"))
         return None
     except OSError as e:
-        errors.append(ProfileError(str(path), "", f"cannot be read: {e.strerror or e}", "check the file"))
+        if e.errno == errno.EFBIG:
+            errors.append(ProfileError(str(path), "", "is too large (or endless) for a profile",
+                                       "name the profile's YAML file; long lists go in files of their own"))
+        else:
+            errors.append(ProfileError(str(path), "", f"cannot be read: {e.strerror or e}", "check the file"))
         return None
     raw, problems = parse_file(path, data)
     errors.extend(problems)

@@ -289,7 +289,10 @@ def test_single_instance_warning(world: Any, install: Install, test_user: Any) -
     env = _session_env(install, test_user)
     outside = _as_user_popen(world, test_user, ["fakeapp", "60"], env)
     try:
-        time.sleep(0.3)
+        for _ in range(100):
+            if world.run(["pgrep", "-u", str(test_user.uid), "-x", "fakeapp"]).returncode == 0:
+                break
+            time.sleep(0.05)
         done = _as_user(world, test_user, _exec_argv(entry), env)
         _settle(world)
         assert done.returncode == 0, done.stderr

@@ -391,3 +391,10 @@ def test_signal_forwarding_does_not_kill_nsfw_first(world: Any) -> None:
     os.kill(nsfw_pid, signal.SIGUSR1)
     out, _ = proc.communicate(timeout=20)
     assert "got USR1" in out and proc.returncode == 4
+
+
+def test_profile_from_an_endless_file_is_refused(world: Any, test_user: Any) -> None:
+    start = time.monotonic()
+    done = run(world, "/dev/zero", "true", env=as_user(test_user))
+    assert done.returncode == 125 and "/dev/zero" in done.stderr and "too large" in done.stderr, done.stderr
+    assert time.monotonic() - start < 20

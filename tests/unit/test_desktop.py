@@ -536,6 +536,19 @@ def test_store_users_own_entry_is_moved_aside_and_back(dirs: dict[str, str]) -> 
     assert not (sc.originals / "steam.desktop").exists()
 
 
+def test_store_never_overwrites_a_file_it_did_not_write(tmp_path: Path) -> None:
+    system = tmp_path / "share"
+    (system / "applications").mkdir(parents=True)
+    shutil.copy(DATA / "vlc.desktop", system / "applications" / "vlc.desktop")
+    sc = store.Scope("system", tmp_path / "local", (system,))  # the target directory is not on the search path
+    sc.applications.mkdir(parents=True)
+    foreign = sc.applications / "vlc.desktop"
+    foreign.write_text("[Desktop Entry]\nType=Application\nName=other\nExec=other\n")
+    with pytest.raises(DesktopError, match="nsfw did not write it"):
+        store.wrap(sc, "vlc", None, launcher=store.default_launcher())
+    assert "Name=other" in foreign.read_text()
+
+
 def test_store_sync(dirs: dict[str, str]) -> None:
     sc = _scope(dirs)
     system = Path(dirs["XDG_DATA_DIRS"].split(":")[1]) / "applications"

@@ -409,6 +409,9 @@ def test_a_chain_through_a_denied_name_is_denied(make: Callable[..., Resolver]) 
     assert r.grants == []
     learner = make(policy, learn_denied=True)
     assert ask(learner.port, "www.cname.test").rcode == dnsmsg.NXDOMAIN
+    deadline = time.monotonic() + 5  # learning happens after the NXDOMAIN has gone out
+    while not learner.granted() and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert learner.granted() == [Grant("deny", "198.51.100.20", 35)]
 
 
@@ -574,7 +577,7 @@ def test_tcp_client_with_thousands_of_bad_frames(make: Callable[..., Resolver]) 
     r = make()
     bad = struct.pack("!6H", 0x99, 0x0100, 0, 0, 0, 0)  # no question: FORMERR, answered at once
     good = query("allowed.test", qid=0x77)
-    with socket.create_connection((LOOP, r.port), timeout=5) as s:
+    with socket.create_connection((LOOP, r.port), timeout=30) as s:  # a busy machine is slow, not wrong
         s.sendall((len(bad).to_bytes(2, "big") + bad) * 5000 + len(good).to_bytes(2, "big") + good)
         buf = bytearray()
         for _ in range(5000):
