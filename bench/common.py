@@ -312,6 +312,39 @@ def bare_netns(w: Any, name: str, index: int) -> str:
     return ns_ip
 
 
+def sandbox_records(w: Any) -> list[dict[str, Any]]:
+    """The records of the sandboxes running in the world (nsfw's /run/nsfw there)."""
+    import glob
+
+    out = []
+    for path in glob.glob(f"/proc/{w.pid}/root/run/nsfw/sandboxes/*.json"):
+        with contextlib.suppress(OSError, ValueError), open(path) as f:
+            out.append(json.load(f))
+    return out
+
+
+def sandbox_record(w: Any, proc: subprocess.Popen[str] | None = None, timeout: float = 20) -> dict[str, Any]:
+    """The record of the one sandbox running in the world, once its command runs (`proc`: its `nsfw run`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise RuntimeError(f"nsfw run exited {proc.returncode}: {err.strip()}")
+        for rec in sandbox_records(w):
+            if rec.get("command_pid"):
+                return rec
+        time.sleep(0.1)
+    raise RuntimeError("the sandbox did not start")
+
+
+def gateway(rec: dict[str, Any]) -> str:
+    """A sandbox's IPv4 gateway on the host side, where its resolver listens: the first address of its /30."""
+    import ipaddress
+
+    four = next(a for a in rec["addresses"] if ":" not in a)
+    return str(ipaddress.ip_interface(four).network.network_address + 1)
+
+
 def timed_inner(argv: Sequence[str], rounds: int) -> list[float]:
     """Wall time of argv, `rounds` times, in milliseconds (output discarded)."""
     out = []

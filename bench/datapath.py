@@ -24,7 +24,6 @@ usage: bench/datapath.py [--rounds N] [--seconds S] [--conc N]    (as root; `mak
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import subprocess
@@ -56,19 +55,6 @@ CT_SYSCTLS = {f"net.netfilter.nf_conntrack_tcp_timeout_{k}": "1"
 def ct_tune(w: Any, ns: str | None) -> None:
     argv = ["sysctl", "-qw", *(f"{k}={v}" for k, v in CT_SYSCTLS.items())]
     c.wrun(w, argv if ns is None else ["ip", "netns", "exec", ns, *argv])
-
-
-def sandbox_record(w: Any, timeout: float = 20) -> dict[str, Any]:
-    """The record of the one sandbox running in the world."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for path in glob.glob(f"/proc/{w.pid}/root/run/nsfw/sandboxes/*.json"):
-            with open(path) as f:
-                rec: dict[str, Any] = json.load(f)
-            if rec.get("command_pid"):
-                return rec
-        time.sleep(0.1)
-    raise RuntimeError("the sandbox did not start")
 
 
 def set_sizes(w: Any, netns: str) -> dict[str, int]:
@@ -135,8 +121,8 @@ def measure(rounds: int = 5, seconds: float = 3.0, conc: int = 16,
 
             c.log("datapath: starting the sandbox")
             nsfw_run = [c.NSFW, "run", "-p", profile, "--"]
-            c.wpopen(w, procs, [*nsfw_run, "sleep", "3600"])
-            rec = sandbox_record(w)
+            keep = c.wpopen(w, procs, [*nsfw_run, "sleep", "3600"])
+            rec = c.sandbox_record(w, keep)
             ct_tune(w, rec["netns"])
             t0 = time.perf_counter()
             c.wrun(w, [*nsfw_run, c.PYTHON, "-I", os.path.abspath(__file__), "--resolve", *names])

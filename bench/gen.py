@@ -4,6 +4,7 @@ allowed names for the world's zone, port rules, and the profiles that hold them.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import random
 from collections.abc import Sequence
@@ -91,11 +92,13 @@ def port_rules(n: int, seed: int = 2) -> list[dict[str, Any]]:
 
 def _yaml_rule(rule: dict[str, Any] | str) -> str:
     if isinstance(rule, str):
-        return f"  - {rule}"
+        return f"  - {json.dumps(rule)}"
     parts = []
     for key, value in rule.items():
         if isinstance(value, list):
-            value = "[" + ", ".join(f'"{v}"' if isinstance(v, str) else str(v) for v in value) + "]"
+            value = "[" + ", ".join(json.dumps(v) for v in value) + "]"
+        elif isinstance(value, str):
+            value = json.dumps(value)
         parts.append(f"{key}: {value}")
     return "  - {" + ", ".join(parts) + "}"
 
