@@ -181,6 +181,19 @@ def _name_comments(prof: profiles.Profile) -> str:
 
 
 @cli.command()
+def daemon() -> None:
+    """Keep nsfw warm: serve launches with everything already loaded, so `nsfw run` starts faster.
+
+    Only launches with no terminal on stdin, stdout or stderr (menu entries, scripts) use it; the rest, and
+    every launch when it is not running, work as before. Meant to run as a system service.
+    """
+    from . import warm
+
+    _root("daemon")
+    warm.serve()
+
+
+@cli.command()
 def schema() -> None:
     """Print the profile format as a JSON Schema, for editors (yaml-language-server)."""
     from .schema import json_schema

@@ -121,7 +121,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
         pytest.skip(f"an nsfw package is on this machine (dpkg: {_state().strip()}): not touching it")
     present = [p for p in OURS if os.path.lexists(p)]
     if present:
-        pytest.skip(f"{', '.join(present)} already exist (a `make install`?): the package would take them over")
+        pytest.skip(f"already on this machine (a `make install`?), and the package would take it over: "
+                    f"{', '.join(present)}")
     missing = [p for p in DEPENDS if not _run(["dpkg-query", "-W", "-f=${db:Status-Abbrev}", p],
                                               check=False).stdout.startswith("ii")]
     if missing:
