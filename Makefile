@@ -61,12 +61,13 @@ install: deps
 	@# nsfw-gc.timer: where systemd is the init system; enabled and started only while systemd runs
 	@if [ -d /run/systemd/system ] || [ -d /lib/systemd/system ]; then \
 		install -d $(PREFIX)/lib/systemd/system && \
-		for u in nsfw-gc.service nsfw-gc.timer; do \
+		for u in nsfw-gc.service nsfw-gc.timer nsfw-warm.service; do \
 			sed 's|/usr/local/bin/nsfw|$(PREFIX)/bin/nsfw|' systemd/$$u > $(PREFIX)/lib/systemd/system/$$u && \
 			chmod 0644 $(PREFIX)/lib/systemd/system/$$u || exit 1; \
 		done; \
 	fi
-	@if [ -d /run/systemd/system ]; then systemctl daemon-reload && systemctl enable --now nsfw-gc.timer; fi
+	@if [ -d /run/systemd/system ]; then systemctl daemon-reload && systemctl enable --now nsfw-gc.timer && \
+		systemctl enable nsfw-warm.service && systemctl restart nsfw-warm.service; fi
 	@# desktop: the launcher that wrapped menu entries run, and group nsfw, whose members may run `nsfw run`
 	@# through sudo without a password (desktop-wrappers/nsfw.sudoers; checked by visudo before it goes live)
 	install -d $(LIBDIR)/desktop-wrappers
@@ -88,8 +89,9 @@ uninstall:
 	rm -rf $(LIBDIR) $(PREFIX)/bin/nsfw
 	rm -f /etc/sudoers.d/nsfw $(PREFIX)/bin/nsfw-launch
 	@echo "group nsfw is kept (its members were added by hand): groupdel nsfw removes it"
-	@if [ -d /run/systemd/system ]; then systemctl disable --now nsfw-gc.timer 2>/dev/null || true; fi
-	rm -f $(PREFIX)/lib/systemd/system/nsfw-gc.service $(PREFIX)/lib/systemd/system/nsfw-gc.timer
+	@if [ -d /run/systemd/system ]; then systemctl disable --now nsfw-gc.timer nsfw-warm.service 2>/dev/null || true; fi
+	rm -f $(PREFIX)/lib/systemd/system/nsfw-gc.service $(PREFIX)/lib/systemd/system/nsfw-gc.timer \
+		$(PREFIX)/lib/systemd/system/nsfw-warm.service
 	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	rm -f $(MANDIR)/man1/nsfw.1 $(MANDIR)/man1/nsfw-launch.1 $(MANDIR)/man5/nsfw-profile.5
 	rm -f $(BASHCOMPDIR)/nsfw $(ZSHCOMPDIR)/_nsfw $(FISHCOMPDIR)/nsfw.fish

@@ -82,7 +82,7 @@ def _launch(conn: socket.socket) -> NoReturn:
         conn.send(json.dumps({"pid": os.getpid()}).encode())
         threading.Thread(target=_die_with_client, args=(conn,), daemon=True).start()
         code = _run_cli(request["argv"])
-    except BaseException:  # noqa: BLE001 - whatever happens, the client gets a status and the daemon goes on
+    except BaseException:
         code = 125
     finally:
         try:
