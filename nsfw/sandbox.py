@@ -13,6 +13,8 @@ import ipaddress
 import os
 import select
 import signal
+import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -35,9 +37,15 @@ class Interrupted(NsfwError):
         self.exit_code = 128 + signum
 
 
+_T0 = time.monotonic()
+
+
 def _fault(step: str) -> None:
-    """Test-only switches: fail or die at a chosen step, to prove that a failure removes exactly what was built
-    (fail closed) and that a killed supervisor leaves only what clean-up by name removes."""
+    """Each step of a launch passes here. NSFW_TRACE=1 prints how long the launch took to reach it; the test-only
+    switches fail or die at a chosen step, to prove that a failure removes exactly what was built (fail
+    closed) and that a killed supervisor leaves only what clean-up by name removes."""
+    if os.environ.get("NSFW_TRACE"):
+        print(f"nsfw: {step} at {1000 * (time.monotonic() - _T0):.1f} ms", file=sys.stderr)
     if os.environ.get("NSFW_TEST_FAIL_AT") == step:
         raise SetupError(f"injected failure at step '{step}' (NSFW_TEST_FAIL_AT)")
     if os.environ.get("NSFW_TEST_KILL_AT") == step:
@@ -129,10 +137,12 @@ def run(profile: Profile, argv: Sequence[str], user: launch.User, environ: Mappi
         with _signals_held():
             stack.close()
     with _signals_held():
+        _fault("exited")
         if started.keeper is not None and not started.keeper.hand_over():
             # the keeper died: nobody else will remove the sandbox, so this run does
             reconcile.kill_processes(started.record)
             reconcile.teardown(started.record)
+    _fault("handed-over")
     return code
 
 
@@ -169,6 +179,7 @@ def _setup(stack: ExitStack, profile: Profile, argv: Sequence[str], user: launch
         if blockers:  # never more permissive than the profile, and never an app that silently cannot connect
             raise SetupError("another firewall on this host would drop this sandbox's traffic, so nsfw will not "
                              "start it:\n  " + "\n  ".join(blockers) + "\n(`nsfw doctor` checks it all again)")
+    _fault("checked")
     with state.locked():
         reconcile.reap_dead()
         env = netns.host_env(exclude_prefix=PREFIX) if nat else HostEnv()
@@ -228,6 +239,7 @@ def _setup(stack: ExitStack, profile: Profile, argv: Sequence[str], user: launch
     pid = _spawn(record, argv, user, environ)
     record.command_pid = pid
     state.save(record)
+    _fault("spawned")
     return Started(pid, record, kept)
 
 

@@ -20,6 +20,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 from typing import Any, NoReturn
 
 SOCKET = "/run/nsfw/warm.sock"
@@ -80,6 +81,9 @@ def _launch(conn: socket.socket) -> NoReturn:
         os.environ.clear()
         os.environ.update(request["env"])
         conn.send(json.dumps({"pid": os.getpid()}).encode())
+        from . import sandbox
+
+        sandbox._T0 = time.monotonic()  # a warm launch starts now, not when the daemon did
         threading.Thread(target=_die_with_client, args=(conn,), daemon=True).start()
         code = _run_cli(request["argv"])
     except BaseException:
