@@ -6,7 +6,7 @@ LIBDIR      := $(PREFIX)/lib/nsfw
 APT_RUNTIME := nftables python3-nftables python3-pyroute2 python3-click python3-yaml iproute2 util-linux procps
 APT_RUNTIME += sudo
 APT_TEST    := python3-pytest python3-venv python3-jsonschema
-APT_TEST    += desktop-file-utils xvfb x11-apps x11-utils xauth
+APT_TEST    += desktop-file-utils xvfb x11-apps x11-utils xauth mandoc zsh fish
 APT_BENCH   := firejail hyperfine
 DEV_VENV    := .venv-dev
 DEV_TOOLS   := ruff==0.8.6 mypy==1.13.0 types-PyYAML

@@ -98,7 +98,7 @@ class Row:
         if value is None or value != value:  # NaN: nothing measured
             return False
         op, bound = self.goal
-        return value <= bound if op == "<=" else value >= bound
+        return {"<=": value <= bound, "<": value < bound, ">=": value >= bound, ">": value > bound}[op]
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -33,8 +33,8 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common as c  # noqa: E402
-import gen  # noqa: E402
+import common as c
+import gen
 
 BARE, NFQ = "bench-bare", "bench-nfq"
 # --diagnose: the unfiltered namespace plus one piece of what a sandbox's table costs at a time

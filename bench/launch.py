@@ -3,10 +3,12 @@
 
 Everything runs on the simulated host of nsfw's own world (a network + mount namespace with a simulated
 internet), so a `nat` sandbox never touches the machine's real network. The commands are interleaved round by
-round, so a slow moment of the machine costs every contender alike. Prints a table (median, min, max, ratio of
-medians to firejail) and writes bench/results/launch.json.
-
-usage: bench/launch.py [--rounds N]        (as root; `make bench` installs firejail first)
+round, so a slow moment of the machine costs every contender alike; each is run once untimed first.
+  nsfw run (nat, 100 rules)   bench/profiles/hundred.yaml: a nat sandbox (veth, NAT, both rulesets, resolver)
+  nsfw run (none)             the shipped `offline` profile: a namespace with loopback only
+  firejail --net=none         the anchor (`--noprofile`: no filesystem sandbox either, just the network one)
+  unshare -n, bwrap --unshare-net   what a bare namespace costs, for reference
+usage: bench/launch.py [--rounds N]        (as root; `make bench` installs firejail and bubblewrap)
 """
 
 from __future__ import annotations
@@ -14,29 +16,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-NSFW = os.path.join(ROOT, "bin", "nsfw")
-PROFILES = os.path.join(HERE, "profiles")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as c
+from common import Row
+
+PROFILES = os.path.join(c.HERE, "profiles")
+FIREJAIL = "firejail --net=none"
+NAT, NONE = "nsfw run (nat, 100 rules)", "nsfw run (none)"
 
 
 def contenders() -> dict[str, list[str]]:
     out = {
-        "unshare -n /bin/true": ["unshare", "-n", "/bin/true"],
-        "firejail --net=none /bin/true": ["firejail", "--quiet", "--noprofile", "--net=none", "/bin/true"],
-        "nsfw run (none) /bin/true": [NSFW, "run", "-p", "offline", "--", "/bin/true"],
-        "nsfw run (nat, 100 rules) /bin/true": [NSFW, "run", "-p", os.path.join(PROFILES, "hundred.yaml"), "--",
-                                                "/bin/true"],
+        "unshare -n": ["unshare", "-n", "/bin/true"],
+        "bwrap --unshare-net": ["bwrap", "--dev-bind", "/", "/", "--unshare-net", "/bin/true"],
+        FIREJAIL: ["firejail", "--quiet", "--noprofile", "--net=none", "/bin/true"],
+        NONE: [c.NSFW, "run", "-p", "offline", "--", "/bin/true"],
+        NAT: [c.NSFW, "run", "-p", os.path.join(PROFILES, "hundred.yaml"), "--", "/bin/true"],
     }
-    if not shutil.which("firejail"):
-        del out["firejail --net=none /bin/true"]
+    for name, argv in list(out.items()):
+        if not shutil.which(argv[0]):
+            del out[name]
     return out
 
 
@@ -55,15 +60,19 @@ def inner(rounds: int) -> int:
     return 0
 
 
-def table(times: dict[str, list[float]], anchor: str) -> str:
-    base = statistics.median(times[anchor]) if anchor in times else None
-    rows = [f"| {'command':40} | median ms | min ms | max ms | ratio to firejail |",
-            f"|{'-' * 42}|---:|---:|---:|---:|"]
-    for name, samples in times.items():
-        med = statistics.median(samples)
-        ratio = f"{med / base:.2f}" if base else "n/a"
-        rows.append(f"| {name:40} | {med:.1f} | {min(samples):.1f} | {max(samples):.1f} | {ratio} |")
-    return "\n".join(rows)
+def measure(rounds: int = 30) -> tuple[list[Row], dict[str, Any]]:
+    with c.world() as (w, _procs):
+        done = c.wrun(w, [c.PYTHON, os.path.abspath(__file__), "--inner", "--rounds", str(rounds)], timeout=1800)
+    times: dict[str, list[float]] = json.loads(done.stdout)
+    anchor = times.get(FIREJAIL, [])
+    g = "1 launch"
+    rows = [
+        Row(g, f"{NAT} /bin/true", "ms", times[NAT], FIREJAIL, anchor, ("<=", 1.0), note="whole process"),
+        Row(g, f"{NONE} /bin/true", "ms", times[NONE], FIREJAIL, anchor, ("<=", 0.5), note="whole process"),
+    ]
+    rows += [Row(g, f"{name} /bin/true", "ms", t, FIREJAIL, anchor) for name, t in times.items()
+             if name not in (NAT, NONE, FIREJAIL)]
+    return rows, {"rounds": rounds, "times_ms": times}
 
 
 def main() -> int:
@@ -73,24 +82,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.inner:
         return inner(args.rounds)
-    if os.geteuid() != 0:
-        sys.exit("bench/launch: run as root (it builds namespaces)")
-    sys.path.insert(0, ROOT)
-    from nsfw.world import World
-
-    with World() as world:
-        done = world.run([sys.executable, os.path.abspath(__file__), "--inner", "--rounds", str(args.rounds)],
-                         timeout=1800)
-    if done.returncode != 0:
-        sys.exit(f"bench/launch failed: {done.stderr}")
-    times = json.loads(done.stdout)
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-              f"kernel {platform.release()}", "rounds": args.rounds, "times_ms": times}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "launch.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"launch of /bin/true, {args.rounds} rounds, {result['date']}, {result['machine']}")
-    print(table(times, "firejail --net=none /bin/true"))
+    c.need_root("launch")
+    rows, extra = measure(args.rounds)
+    c.report("launch", rows, extra)
     return 0
 
 

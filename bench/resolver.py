@@ -12,8 +12,9 @@ All of it runs in nsfw's simulated world:
   upstream  the world's DNS server asked directly, from the same bench namespace: what a resolver adds to
 Load: dnsperf (queries per second: as many in flight as it may, for a few seconds) and a sequential prober
 (this file, --probe: one query at a time, for the latency distribution), the same tools for every contender.
-Uncached: every query a name never asked before (a wildcard in the world's zone answers it); cached: 200 names
-asked again and again after one pass to fill the caches. Contenders are interleaved round by round.
+Uncached: every query a name the contender never asked before, each name with an address of its own (10,000
+a round for dnsperf, for as long as they take; 300 for the prober); cached: 200 names asked again and again
+after one pass to fill the caches. Contenders are interleaved round by round.
 
 usage: bench/resolver.py [--rounds N] [--seconds S]    (as root; `make bench` installs dnsmasq and dnsperf)
 """
@@ -21,6 +22,7 @@ usage: bench/resolver.py [--rounds N] [--seconds S]    (as root; `make bench` in
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import re
@@ -33,12 +35,12 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common as c  # noqa: E402
-import gen  # noqa: E402
+import common as c
+import gen
 
 BARE = "bench-dns"
 DOMAIN = "r.bench.test"
-ADDRESS = "198.19.200.1"
+FIRST_ADDRESS = "198.18.1.0"
 UPSTREAM = "192.0.2.53"
 CACHED_NAMES = 200
 
@@ -76,27 +78,33 @@ def dnsperf_qps(text: str) -> float:
 
 
 class Names:
-    """Fresh names for uncached queries: never the same twice in a run."""
+    """The benchmark's names, each with an address of its own (198.18.1.0 onwards: a benchmarking range, never
+    reached): granting a name's addresses for the first time is the common case of an uncached answer."""
 
     def __init__(self) -> None:
-        self.n = 0
+        self.zone: dict[str, Any] = {}
 
-    def fresh(self, count: int) -> list[str]:
-        self.n += 1
-        return [f"u{self.n}x{i}.{DOMAIN}" for i in range(count)]
+    def make(self, prefix: str, count: int) -> list[str]:
+        base = int(ipaddress.IPv4Address(FIRST_ADDRESS)) + len(self.zone)
+        out = [f"{prefix}{i}.{DOMAIN}" for i in range(count)]
+        for i, name in enumerate(out):
+            self.zone[name] = {"A": [str(ipaddress.IPv4Address(base + i))], "ttl": 3600}
+        return out
 
 
-def measure(rounds: int = 5, seconds: float = 3.0, probes: int = 300) -> tuple[list[c.Row], dict[str, Any]]:
+def measure(rounds: int = 5, seconds: float = 3.0, probes: int = 300,
+            uncached: int = 10_000) -> tuple[list[c.Row], dict[str, Any]]:
     from nsfw.world import DEFAULT_ZONE
 
-    zone = {**DEFAULT_ZONE, f"*.{DOMAIN}": {"A": [ADDRESS], "ttl": 3600}}
-    cached = [f"c{i}.{DOMAIN}" for i in range(CACHED_NAMES)]
+    names = Names()
+    cached = names.make("c", CACHED_NAMES)
+    # one fresh list a round, each name asked once by each contender (their caches are their own)
+    fresh = [(names.make(f"u{r}x", uncached), names.make(f"p{r}x", probes)) for r in range(rounds)]
+    zone = {**DEFAULT_ZONE, **names.zone}
     work = tempfile.mkdtemp(prefix="nsfw-bench-resolver-")
     os.chmod(work, 0o755)
     profile = gen.write_profile(os.path.join(work, "resolver.yaml"), description="bench/resolver",
                                 allow=[f"*.{DOMAIN}"])
-    names = Names()
-
     def qfile(label: str, entries: list[str]) -> str:
         path = os.path.join(work, f"{label}.txt")
         with open(path, "w") as f:
@@ -105,6 +113,7 @@ def measure(rounds: int = 5, seconds: float = 3.0, probes: int = 300) -> tuple[l
         return path
 
     cached_file = qfile("cached", cached)
+    fresh_files = [qfile(f"uncached{r}", perf_names) for r, (perf_names, _p) in enumerate(fresh)]
     qps: dict[str, dict[str, list[float]]] = {k: {"nsfw": [], "dnsmasq": [], "upstream": []}
                                               for k in ("cached", "uncached")}
     p50: dict[str, dict[str, list[float]]] = {k: {"nsfw": [], "dnsmasq": [], "upstream": []}
@@ -133,34 +142,33 @@ def measure(rounds: int = 5, seconds: float = 3.0, probes: int = 300) -> tuple[l
                      "upstream": (["ip", "netns", "exec", BARE], UPSTREAM)}
             me = [c.PYTHON, "-I", os.path.abspath(__file__), "--probe"]
 
-            def perf(label: str, kind: str) -> None:
+            def perf(label: str, kind: str, rnd: int) -> None:
                 prefix, server = where[label]
                 if kind == "cached":
                     argv = ["dnsperf", "-s", server, "-d", cached_file, "-l", str(seconds), "-q", "64", "-t", "2"]
-                else:
-                    path = qfile("uncached", names.fresh(int(seconds * 20000)))
-                    argv = ["dnsperf", "-s", server, "-d", path, "-n", "1", "-l", str(seconds), "-q", "64",
+                else:  # each name once: as long as that takes (a minute at most)
+                    argv = ["dnsperf", "-s", server, "-d", fresh_files[rnd], "-n", "1", "-l", "60", "-q", "64",
                             "-t", "2"]
                 r = c.wrun(w, [*prefix, *argv], timeout=seconds * 4 + 30)
                 qps[kind][label].append(dnsperf_qps(r.stdout))
 
-            def lat(label: str, kind: str) -> None:
+            def lat(label: str, kind: str, rnd: int) -> None:
                 prefix, server = where[label]
-                batch = cached if kind == "cached" else names.fresh(probes)
+                batch = cached if kind == "cached" else fresh[rnd][1]
                 r = c.wrun(w, [*prefix, *me, server, *batch[:probes]], timeout=120)
                 times = json.loads(r.stdout)
                 p50[kind][label].append(c.percentile(times, 50))
 
             for label in where:  # fill the caches, and check every contender answers
-                lat(label, "cached")
+                lat(label, "cached", 0)
                 p50["cached"][label].clear()
             for rnd in range(rounds):
                 labels = list(where)
                 labels = labels[rnd % 3:] + labels[:rnd % 3]
                 for label in labels:
                     for kind in ("cached", "uncached"):
-                        lat(label, kind)
-                        perf(label, kind)
+                        lat(label, kind, rnd)
+                        perf(label, kind, rnd)
                 c.log(f"resolver: round {rnd + 1}/{rounds}: " + "; ".join(
                     f"{k} {kind} {qps[kind][k][-1]:,.0f} q/s p50 {p50[kind][k][-1]:.3f} ms"
                     for kind in ("cached", "uncached") for k in where))

@@ -28,8 +28,8 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common as c  # noqa: E402
-import gen  # noqa: E402
+import common as c
+import gen
 
 
 def nft_script(cidrs: list[str]) -> str:

@@ -30,7 +30,7 @@ DEB = ROOT / "build" / f"nsfw_{__version__}_all.deb"
 TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 # What the package installs that must not be there before (else dpkg would take over somebody's files)
 OURS = ("/usr/bin/nsfw", "/usr/bin/nsfw-launch", "/usr/lib/nsfw", "/usr/share/nsfw", "/etc/nsfw",
-        "/etc/sudoers.d/nsfw", "/lib/systemd/system/nsfw-gc.service", "/lib/systemd/system/nsfw-gc.timer",
+        "/etc/sudoers.d/nsfw", *(f"/lib/systemd/system/{u.name}" for u in sorted((ROOT / "systemd").iterdir())),
         "/var/lib/nsfw", "/usr/share/doc/nsfw")
 SYSTEMD_STATE = ("/etc/systemd/system", "/var/lib/systemd/deb-systemd-helper-enabled",
                  "/var/lib/systemd/deb-systemd-helper-masked")
@@ -174,8 +174,12 @@ def test_installed_layout(installed: Installed) -> None:
     assert not os.path.exists("/usr/lib/nsfw/profiles"), "profiles beside the package would shadow /usr/share"
     for path in files:
         assert not path.startswith(("/usr/local", "/home", "/root", str(ROOT))), f"the package installs {path}"
-    unit = Path("/lib/systemd/system/nsfw-gc.service").read_text()
-    assert re.search(r"^ExecStart=/usr/bin/nsfw gc$", unit, re.M), unit
+    for source in (ROOT / "systemd").iterdir():
+        unit = Path("/lib/systemd/system", source.name)
+        assert str(unit) in files, f"the package does not install {unit}"
+        assert "/usr/local" not in unit.read_text(), f"{unit} names /usr/local"
+    unit_text = Path("/lib/systemd/system/nsfw-gc.service").read_text()
+    assert re.search(r"^ExecStart=/usr/bin/nsfw gc$", unit_text, re.M), unit_text
     sudoers = Path("/etc/sudoers.d/nsfw")
     assert sudoers.stat().st_mode & 0o777 == 0o440
     assert "/usr/bin/nsfw run *" in sudoers.read_text()
@@ -188,8 +192,8 @@ def test_postinst(installed: Installed) -> None:
     assert _group(), "postinst did not create group nsfw"
     assert Path("/usr/lib/nsfw/nsfw/__pycache__").is_dir(), "postinst did not byte-compile the modules"
     if shutil.which("deb-systemd-helper"):
-        assert Path("/etc/systemd/system/timers.target.wants/nsfw-gc.timer").is_symlink(), \
-            "postinst did not enable nsfw-gc.timer"
+        for wants in ("timers.target.wants/nsfw-gc.timer", "multi-user.target.wants/nsfw-warm.service"):
+            assert Path("/etc/systemd/system", wants).is_symlink(), f"postinst did not enable {wants}"
 
 
 # ---------------------------------------------------------------------------------------------- nsfw, installed
