@@ -7,7 +7,13 @@ APT_RUNTIME := nftables python3-nftables python3-pyroute2 python3-click python3-
 APT_RUNTIME += sudo
 APT_TEST    := python3-pytest python3-venv python3-jsonschema
 APT_TEST    += desktop-file-utils xvfb x11-apps x11-utils xauth mandoc zsh fish
-APT_BENCH   := firejail hyperfine
+# bench/: the anchors (firejail, bubblewrap, dnsmasq, dnsperf, iperf3), the C load generators (gcc), and what the
+# NFQUEUE baseline's netfilterqueue builds against (pip, into BENCH_VENV)
+APT_BENCH   := firejail bubblewrap dnsmasq-base dnsperf iperf3 iptables gcc libc6-dev
+APT_BENCH   += libnetfilter-queue-dev python3-dev python3-venv
+BENCH_VENV  := .venv-bench
+BENCH_PIP   := netfilterqueue==1.1.0
+BENCH_ARGS  ?=
 DEV_VENV    := .venv-dev
 DEV_TOOLS   := ruff==0.8.6 mypy==1.13.0 types-PyYAML
 
@@ -47,14 +53,22 @@ test: test-deps lint
 unit: test-deps
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests/unit
 
+# Every benchmark, each in a simulated world of its own; one table of the goals. BENCH_ARGS="--quick" for a smoke
+# test, "--only datapath,ruleset" for some, "--readme" to put the table into bench/README.md.
 bench: deps
 	$(call apt_ensure,$(APT_BENCH))
-	$(PYTHON) bench/launch.py
+	@$(BENCH_VENV)/bin/python3 -c 'import netfilterqueue' 2>/dev/null || { \
+		$(PYTHON) -m venv --system-site-packages $(BENCH_VENV) && \
+		$(BENCH_VENV)/bin/pip install -q $(BENCH_PIP); }
+	$(PYTHON) bench/run.py $(BENCH_ARGS)
 
 install: deps
-	install -d $(LIBDIR)/nsfw/resolver $(LIBDIR)/bin $(LIBDIR)/profiles $(PREFIX)/bin /etc/nsfw/profiles
+	install -d $(LIBDIR)/nsfw/resolver $(LIBDIR)/nsfw/doctor $(LIBDIR)/nsfw/worldlib $(LIBDIR)/bin $(LIBDIR)/profiles \
+		$(PREFIX)/bin /etc/nsfw/profiles
 	install -m 0644 nsfw/*.py $(LIBDIR)/nsfw/
 	install -m 0644 nsfw/resolver/*.py $(LIBDIR)/nsfw/resolver/
+	install -m 0644 nsfw/doctor/*.py $(LIBDIR)/nsfw/doctor/
+	install -m 0644 nsfw/worldlib/*.py $(LIBDIR)/nsfw/worldlib/
 	install -m 0755 bin/nsfw $(LIBDIR)/bin/nsfw
 	install -m 0644 profiles/*.yaml $(LIBDIR)/profiles/
 	ln -sf $(LIBDIR)/bin/nsfw $(PREFIX)/bin/nsfw

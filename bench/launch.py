@@ -6,6 +6,8 @@ internet), so a `nat` sandbox never touches the machine's real network. The comm
 round, so a slow moment of the machine costs every contender alike; each is run once untimed first.
   nsfw run (nat, 100 rules)   bench/profiles/hundred.yaml: a nat sandbox (veth, NAT, both rulesets, resolver)
   nsfw run (none)             the shipped `offline` profile: a namespace with loopback only
+  each of them cold (NSFW_WARM=0: the process imports everything) and warm (`nsfw daemon` runs in the world,
+  as `make install` runs it: the launch is forked from it)
   firejail --net=none         the anchor (`--noprofile`: no filesystem sandbox either, just the network one)
   unshare -n, bwrap --unshare-net   what a bare namespace costs, for reference
 usage: bench/launch.py [--rounds N]        (as root; `make bench` installs firejail and bubblewrap)
@@ -29,33 +31,50 @@ from common import Row
 PROFILES = os.path.join(c.HERE, "profiles")
 FIREJAIL = "firejail --net=none"
 NAT, NONE = "nsfw run (nat, 100 rules)", "nsfw run (none)"
+WARM_SOCKET = "/run/nsfw/warm.sock"  # the world's own /run
 
 
-def contenders() -> dict[str, list[str]]:
+def contenders(warm: bool) -> dict[str, tuple[list[str], dict[str, str]]]:
+    cold = {**os.environ, "NSFW_WARM": "0"}
     out = {
-        "unshare -n": ["unshare", "-n", "/bin/true"],
-        "bwrap --unshare-net": ["bwrap", "--dev-bind", "/", "/", "--unshare-net", "/bin/true"],
-        FIREJAIL: ["firejail", "--quiet", "--noprofile", "--net=none", "/bin/true"],
-        NONE: [c.NSFW, "run", "-p", "offline", "--", "/bin/true"],
-        NAT: [c.NSFW, "run", "-p", os.path.join(PROFILES, "hundred.yaml"), "--", "/bin/true"],
+        "unshare -n": (["unshare", "-n", "/bin/true"], cold),
+        "bwrap --unshare-net": (["bwrap", "--dev-bind", "/", "/", "--unshare-net", "/bin/true"], cold),
+        FIREJAIL: (["firejail", "--quiet", "--noprofile", "--net=none", "/bin/true"], cold),
     }
-    for name, argv in list(out.items()):
+    for label, argv in ((NONE, [c.NSFW, "run", "-p", "offline", "--", "/bin/true"]),
+                        (NAT, [c.NSFW, "run", "-p", os.path.join(PROFILES, "hundred.yaml"), "--", "/bin/true"])):
+        out[f"{label}, cold"] = (argv, cold)
+        if warm:
+            out[f"{label}, warm"] = (argv, {**os.environ, "NSFW_WARM": "1"})
+    for name, (argv, _env) in list(out.items()):
         if not shutil.which(argv[0]):
             del out[name]
     return out
 
 
 def inner(rounds: int) -> int:
-    """Runs on the simulated host: time each contender, round-robin."""
-    cmds = contenders()
-    times: dict[str, list[float]] = {name: [] for name in cmds}
-    for argv in cmds.values():  # one untimed run each: page cache, first-run files
-        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
-    for _ in range(rounds):
-        for name, argv in cmds.items():
-            start = time.perf_counter()
-            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
-            times[name].append((time.perf_counter() - start) * 1000)
+    """Runs on the simulated host: time each contender, round-robin; the warm ones against `nsfw daemon`."""
+    daemon = None
+    with open(os.devnull, "w") as null:
+        if subprocess.run([c.NSFW, "daemon", "--help"], stdout=null, stderr=null).returncode == 0:
+            daemon = subprocess.Popen([c.NSFW, "daemon"], stdout=null, stderr=null, start_new_session=True)
+            deadline = time.monotonic() + 20
+            while not os.path.exists(WARM_SOCKET) and time.monotonic() < deadline and daemon.poll() is None:
+                time.sleep(0.05)
+    try:
+        cmds = contenders(daemon is not None and os.path.exists(WARM_SOCKET))
+        times: dict[str, list[float]] = {name: [] for name in cmds}
+        for argv, env in cmds.values():  # one untimed run each: page cache, first-run files
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env)
+        for _ in range(rounds):
+            for name, (argv, env) in cmds.items():
+                start = time.perf_counter()
+                subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env)
+                times[name].append((time.perf_counter() - start) * 1000)
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(timeout=10)
     json.dump(times, sys.stdout)
     return 0
 
@@ -66,12 +85,12 @@ def measure(rounds: int = 30) -> tuple[list[Row], dict[str, Any]]:
     times: dict[str, list[float]] = json.loads(done.stdout)
     anchor = times.get(FIREJAIL, [])
     g = "1 launch"
-    rows = [
-        Row(g, f"{NAT} /bin/true", "ms", times[NAT], FIREJAIL, anchor, ("<=", 1.0), note="whole process"),
-        Row(g, f"{NONE} /bin/true", "ms", times[NONE], FIREJAIL, anchor, ("<=", 0.5), note="whole process"),
-    ]
+    rows = []
+    for label, bound in ((NAT, 1.0), (NONE, 0.5)):
+        rows += [Row(g, f"{name} /bin/true", "ms", times[name], FIREJAIL, anchor, ("<=", bound), note="whole process")
+                 for name in (f"{label}, warm", f"{label}, cold") if name in times]
     rows += [Row(g, f"{name} /bin/true", "ms", t, FIREJAIL, anchor) for name, t in times.items()
-             if name not in (NAT, NONE, FIREJAIL)]
+             if name != FIREJAIL and not name.startswith("nsfw")]
     return rows, {"rounds": rounds, "times_ms": times}
 
 

@@ -153,7 +153,7 @@ def measure(sandboxes: int = 100, stale: int = 1000, rounds: int = 5) -> tuple[l
         for rnd in range(max(1, rounds // 2)):
             t1 = time.perf_counter()
             ids = synthesize(w, stale, rnd + 1)
-            c.log(f"scale: {stale} stale sandboxes made in {time.perf_counter() - t1:.1f} s")
+            c.log(f"scale: {stale} stale sandboxes made in {time.perf_counter() - t1:.2f} s")
             gc_ms += json.loads(c.wrun(w, [*timer, "1", "--", c.NSFW, "gc"], timeout=900).stdout)
             left = leftovers(w, ids)
             extra.setdefault("gc_leftovers", []).append(left)
