@@ -36,6 +36,17 @@ MAX_TIMEOUT = 7 * 86400
 # Browsers and getaddrinfo caches keep an address about a minute whatever its TTL: a grant shorter than that
 # would block the app's next connection to an address it was rightly given. Never shorter than the TTL either.
 MIN_GRANT = 60
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        got = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return got >= (major, minor)
+
+
+READD_REFRESHES = _kernel_at_least(6, 10)
 READY_TIMEOUT = 5.0
 
 
@@ -164,6 +175,7 @@ class Granter:
     def __init__(self, netns_path: str, groups: int, deny: bool, sock: socket.socket) -> None:
         self.netns_path, self.groups, self.deny, self.sock = netns_path, groups, deny, sock
         self.expiry: dict[tuple[str, str], float] = {}
+        self.timeouts: dict[tuple[str, str], int] = {}  # the timeout last given to each element
         self.thread = threading.Thread(target=self._run, name="nsfw-granter", daemon=True)
 
     def start(self) -> None:
@@ -210,16 +222,26 @@ class Granter:
                 raise ValueError(f"bad timeout {timeout!r}")
             key = (self._set_for(str(name), addr), str(addr))
             elems[key] = max(timeout, MIN_GRANT, elems.get(key, 0))
-        # An element we know to be there is deleted and re-added in the same transaction: that refreshes its
-        # timeout on every kernel (re-adding alone does not on older ones).
-        live = [k for k in elems if self.expiry.get(k, 0) > now + 0.5]
-        cmds = [_element("delete", k) for k in live] + [_element("add", k, t) for k, t in elems.items()]
+        # An element that already lives at least as long as asked needs nothing: the common case of a cached
+        # answer, which would otherwise cost a kernel transaction per query.
+        todo = {k: t for k, t in elems.items() if self.expiry.get(k, 0) < now + t - 1}
+        if not todo:
+            return
+        # Since 6.10 the kernel renews an element that is added again, when the timeout given differs from the
+        # one it holds, so a renewal alternates the timeout by a second (never shorter than asked). Before,
+        # only a delete and an add in one transaction renew it, and a delete waits for an RCU grace period
+        # (milliseconds), so only there.
+        if READD_REFRESHES:
+            todo = {k: t + 1 if self.timeouts.get(k) == t else t for k, t in todo.items()}
+        live = [] if READD_REFRESHES else [k for k in todo if self.expiry.get(k, 0) > now + 0.5]
+        cmds = [_element("delete", k) for k in live] + [_element("add", k, t) for k, t in todo.items()]
         try:
             nft.apply(cmds, "name grant")
         except SetupError:
-            nft.apply([_element("add", k, t) for k, t in elems.items()], "name grant")
-        for k, t in elems.items():
+            nft.apply([_element("add", k, t) for k, t in todo.items()], "name grant")
+        for k, t in todo.items():
             self.expiry[k] = now + t
+            self.timeouts[k] = t
 
 
 def _element(op: str, key: tuple[str, str], timeout: int | None = None) -> dict[str, Any]:

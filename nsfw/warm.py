@@ -29,7 +29,8 @@ MAX_REQUEST = 1 << 20
 
 def _warm_up() -> None:
     """Everything a launch would import, now."""
-    from . import cli, doctor, keeper, reconcile, sandbox  # noqa: F401
+    from . import cli, keeper, reconcile, sandbox  # noqa: F401
+    from .doctor import launch_blockers  # noqa: F401 - the package loads a name's module when it is asked for
     from .resolver import server  # noqa: F401
 
 

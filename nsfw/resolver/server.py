@@ -28,34 +28,30 @@ usable header), and never reach the policy.
 
 Query log: one JSON object per line, {"time": unix float, "name": str, "type": "A", "verdict":
 "allow|deny|unlisted|refuse", "rcode": "NOERROR|NXDOMAIN|SERVFAIL|...", "answers": [addresses], "cached": bool},
-plus "chain": [names] when a CNAME chain was followed. Bounded at `log_max_bytes` (10 MB): past it the file is
-cut down to its newest half (whole lines) when it is a readable regular file; truncated to empty with a note
-line when it cannot be read; and when it cannot be truncated either (a pipe), logging stops after a note line.
+plus "chain": [names] when a CNAME chain was followed. Bounded at `log_max_bytes` (10 MB): `querylog` says how.
+
+Here: the loop, one query's way through it, and the batch. The cache (`cache`), the query log's file
+(`querylog`) and the sockets' side, UDP peers and TCP connections (`clients`), are modules of their own.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import heapq
-import ipaddress
-import os
 import selectors
 import socket
-import stat
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from . import TYPE_CHECKING, NamedTuple
+from .cache import GRANT_SLACK, Grant, IPAddress, _Answer, _Cache
+from .clients import _TcpClient, _TcpListener, _UdpDest, _UdpListener
 from .dnsmsg import (
     CLASS_IN,
-    EDNS_SIZE,
     NOERROR,
     NOTIMP,
     NXDOMAIN,
-    RD,
     REFUSED,
     SERVFAIL,
     TC,
@@ -64,33 +60,23 @@ from .dnsmsg import (
     Query,
     Response,
     error_reply,
-    follow_chain,
     parse_query,
     rcode_name,
-    rewrite,
     type_name,
 )
 from .policy import Decision, Policy
+from .querylog import _json_str, _QueryLog
 from .upstream import TIMEOUT, Exchange, Timer, run_timers
 from .upstream import upstreams as socket_addresses
 
 if TYPE_CHECKING:
     import threading
-    from typing import Any, BinaryIO
+    from typing import BinaryIO
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+__all__ = ["DENY_SET", "GRANT_SLACK", "Grant", "IPAddress", "Limits", "serve"]
+
 DENY_SET = "deny"  # the set name learned addresses of denied names go to; the supervisor maps it
-GRANT_SLACK = 5  # seconds a grant outlives the TTL: the app connects a moment after it has the answer
 _META_TYPES = {251: NOTIMP, 252: NOTIMP, TYPE_OPT: REFUSED}  # IXFR, AXFR: not for a stub; OPT: not a question
-
-
-class Grant(NamedTuple):
-    """An address the sandbox may reach for `timeout` seconds, for the rule whose set is `set_name`. The
-    supervisor picks the IPv4 or IPv6 set from the address. (A NamedTuple: frozen, and cheap to import.)"""
-
-    set_name: str
-    address: str
-    timeout: int  # seconds
 
 
 class Limits(NamedTuple):
@@ -110,202 +96,7 @@ class Limits(NamedTuple):
     grant_batch: int = 512  # grants per call at most (unless one answer alone has more): ~30 KB as JSON
 
 
-# ---------------------------------------------------------------------------------------------- answers
-
-
-class _Answer:
-    """An upstream response with what every answer from it needs worked out once: the CNAME chain, whether
-    the chain is denied, its addresses (text, parsed, TTL), and how long it may be cached.
-
-    A cached answer is mostly served to the same client asking the same question again, within the same
-    second: the last rewritten reply and the last grants are kept, keyed by everything they depend on, so a
-    hot name costs a dict lookup and an id patch. (So `never_grant` is asked again once a second per name.)"""
-
-    __slots__ = ("addresses", "chain", "denied", "expires", "grant_key", "grant_memo", "reply_key", "reply_memo",
-                 "response", "stored", "texts")
-
-    def __init__(self, response: Response, now: float, policy: Policy, limits: Limits) -> None:
-        self.response = response
-        self.stored = now
-        chain, records = follow_chain(response.name, response.answers)
-        self.chain = chain
-        self.denied = policy.check_chain(chain) == "deny"
-        self.addresses = tuple((str(r.data), ipaddress.ip_address(str(r.data)), r.ttl) for r in records)
-        self.texts = tuple(a[0] for a in self.addresses)
-        self.expires = now + _lifetime(response, limits)
-        self.reply_key: tuple[object, ...] | None = None
-        self.reply_memo = b""
-        self.grant_key: tuple[object, ...] | None = None
-        self.grant_memo: list[Grant] = []
-
-    def reply(self, q: Query, elapsed: int, cap: int, limit: int) -> bytes:
-        key = (elapsed, q.question, q.flags & RD, q.edns is None, limit)
-        if key != self.reply_key:
-            self.reply_memo = rewrite(self.response, q, elapsed, cap, limit)
-            self.reply_key = key
-        return q.id.to_bytes(2, "big") + self.reply_memo[2:]
-
-    def grants(self, sets: tuple[str, ...], elapsed: int, cap: int,
-               never_grant: Callable[[IPAddress], bool]) -> list[Grant]:
-        """Every address of the chain for each set, timeout = max(remaining TTL, 1) + GRANT_SLACK, except those
-        `never_grant` refuses (or fails on: then the kernel blocks them, which is the safe side)."""
-        key = (elapsed, sets)
-        if key == self.grant_key:
-            return self.grant_memo
-        grants: list[Grant] = []
-        for text, ip, ttl in self.addresses:
-            try:
-                if never_grant(ip):
-                    continue
-            except Exception:
-                continue
-            left = (ttl if ttl < cap else cap) - elapsed
-            timeout = (left if left > 1 else 1) + GRANT_SLACK
-            grants += [Grant(s, text, timeout) for s in sets]
-        self.grant_key, self.grant_memo = key, grants
-        return grants
-
-
-def _lifetime(response: Response, limits: Limits) -> int:
-    """Seconds the response may be cached: its smallest answer TTL; for a negative answer (RFC 2308) the
-    SOA's, and none without a SOA; 0 (not cached) for a failure."""
-    negative = response.negative_ttl
-    if response.rcode not in (NOERROR, NXDOMAIN):
-        return 0
-    if response.rcode == NXDOMAIN or not response.answers:
-        return 0 if negative is None else min(negative, limits.negative_ttl_cap)
-    ttls = [r.ttl for r in response.answers]
-    if negative is not None:
-        ttls.append(negative)
-    return min(*ttls, limits.ttl_cap)
-
-
-class _Cache:
-    """LRU of answers keyed by (name, type, class), shared by every query of this sandbox; bounded in entries
-    and in bytes (answers over TCP may be 64 KB each)."""
-
-    def __init__(self, size: int, max_bytes: int) -> None:
-        self.size = size
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self.entries: OrderedDict[tuple[str, int, int], _Answer] = OrderedDict()
-
-    def get(self, key: tuple[str, int, int], now: float) -> _Answer | None:
-        entry = self.entries.get(key)
-        if entry is None:
-            return None
-        if entry.expires <= now:
-            del self.entries[key]
-            self.bytes -= len(entry.response.raw)
-            return None
-        self.entries.move_to_end(key)
-        return entry
-
-    def put(self, key: tuple[str, int, int], entry: _Answer) -> None:
-        old = self.entries.pop(key, None)
-        if old is not None:
-            self.bytes -= len(old.response.raw)
-        self.entries[key] = entry
-        self.bytes += len(entry.response.raw)
-        while len(self.entries) > self.size or self.bytes > self.max_bytes:
-            _key, evicted = self.entries.popitem(last=False)
-            self.bytes -= len(evicted.response.raw)
-
-
-# ---------------------------------------------------------------------------------------------- the log
-
-
-def _json_str(text: str) -> str:
-    # Names reach here escaped by dnsmsg ([a-z0-9-_*.\\] only), so this is all the encoding they need;
-    # `json` (and `re` behind it) stays unimported in the common case.
-    if text.isascii() and text.isprintable() and '"' not in text:
-        return '"' + text.replace("\\", "\\\\") + '"'
-    import json
-
-    return json.dumps(text)
-
-
-class _QueryLog:
-    def __init__(self, f: BinaryIO | None, limit: int) -> None:
-        self.f = f
-        self.limit = limit
-        self.size = 0
-        self.regular = False
-        if f is not None:
-            try:
-                st = os.fstat(f.fileno())
-                self.regular = stat.S_ISREG(st.st_mode)
-                self.size = st.st_size if self.regular else 0
-            except (OSError, ValueError):
-                pass
-
-    def write(self, lines: list[str]) -> None:
-        if self.f is None or not lines:
-            return
-        data = "".join(lines).encode()
-        try:
-            self.f.write(data)
-            self.f.flush()
-        except (OSError, ValueError):
-            self.f = None  # a full disk or a closed pipe must not take DNS down
-            return
-        self.size += len(data)
-        if self.size > self.limit:
-            self._shrink()
-
-    def _note(self, text: str) -> bytes:
-        return f'{{"time": {time.time():.6f}, "note": "{text}"}}\n'.encode()
-
-    def _shrink(self) -> None:
-        f = self.f
-        assert f is not None
-        keep = self.limit // 2
-        try:
-            if not self.regular:
-                raise OSError(errno.ESPIPE, "not a regular file")
-            try:
-                f.seek(max(0, self.size - keep))
-                tail = f.read()
-                tail = tail[tail.find(b"\n") + 1:]  # whole lines only
-            except (OSError, ValueError):  # opened write-only: keep nothing, but keep logging
-                tail = self._note(f"log cut at {self.limit} bytes; older lines dropped")
-            f.seek(0)
-            f.truncate(0)
-            f.write(tail)
-            f.flush()
-            self.size = len(tail)
-        except (OSError, ValueError):
-            try:
-                f.write(self._note(f"log limit of {self.limit} bytes reached; no more lines"))
-                f.flush()
-            except (OSError, ValueError):
-                pass
-            self.f = None
-
-
-# ---------------------------------------------------------------------------------------------- clients
-
-
-class _UdpDest:
-    __slots__ = ("addr", "sock")
-
-    def __init__(self, sock: socket.socket, addr: tuple[Any, ...]) -> None:
-        self.sock = sock
-        self.addr = addr
-
-    @staticmethod
-    def limit(query: Query) -> int:
-        # the client's EDNS size, but no more than we advertise: larger answers go over TCP, unfragmented
-        return 512 if query.edns is None else min(query.edns, EDNS_SIZE)
-
-    def send(self, data: bytes) -> None:
-        try:
-            self.sock.sendto(data, self.addr)
-        except OSError:
-            pass  # a full send buffer or a vanished client: UDP clients retry
-
-    def release(self) -> None:
-        pass
+# ---------------------------------------------------------------------------------------------- the resolver
 
 
 class _Out:
@@ -334,184 +125,6 @@ class _Out:
         return (f'{{"time": {when:.6f}, "name": {_json_str(q.name)}, "type": "{type_name(q.qtype)}", '
                 f'"verdict": "{self.verdict}", "rcode": "{rcode_name(self.rcode)}", "answers": [{answers}], '
                 f'"cached": {"true" if self.cached else "false"}{chain}}}\n')
-
-
-class _TcpClient:
-    """One DNS-over-TCP connection: 2-byte length framing, several queries, answers in any order."""
-
-    def __init__(self, server: _Resolver, conn: socket.socket, now: float) -> None:
-        self.server = server
-        self.conn = conn
-        self.inbuf = bytearray()
-        self.outbuf = bytearray()
-        self.pending = 0
-        self.last = now
-        self.eof = False
-        self.closed = False
-        self.parsing = False
-        self.events = 0
-        self._interest()
-
-    @staticmethod
-    def limit(_query: Query) -> int:
-        return 65535
-
-    def on_event(self, mask: int, now: float) -> None:
-        if self.closed:
-            return
-        self.last = now
-        if mask & selectors.EVENT_WRITE:
-            self._write()
-        if mask & selectors.EVENT_READ and not self.closed:
-            self._read()
-
-    def _read(self) -> None:
-        try:
-            chunk = self.conn.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            self.close()
-            return
-        if not chunk:
-            self.eof = True  # a client may half-close after its queries: answer them, then close
-        self.inbuf += chunk
-        self._frames()
-
-    def _frames(self) -> None:
-        # An answer sent at once (FORMERR) comes back here through send(): the loop below, already running,
-        # picks up the next frame, rather than a recursion as deep as the client has frames.
-        if self.parsing:
-            return
-        self.parsing = True
-        try:
-            limit = self.server.limits.tcp_pending
-            while not self.closed and self.pending < limit and len(self.inbuf) >= 2:
-                size = int.from_bytes(self.inbuf[:2], "big")
-                if size == 0:
-                    self.close()
-                    return
-                if len(self.inbuf) < 2 + size:
-                    break
-                msg = bytes(self.inbuf[2:2 + size])
-                del self.inbuf[:2 + size]
-                self.pending += 1
-                self.server.handle(msg, self)
-        finally:
-            self.parsing = False
-        self._settle()
-
-    def _settle(self) -> None:
-        if self.closed:
-            return
-        if self.eof and self.pending == 0 and not self.outbuf:
-            self.close()
-        else:
-            self._interest()
-
-    def _interest(self) -> None:
-        events = 0
-        if not self.eof and self.pending < self.server.limits.tcp_pending:
-            events |= selectors.EVENT_READ
-        if self.outbuf:
-            events |= selectors.EVENT_WRITE
-        if events == self.events:
-            return
-        sel = self.server.sel
-        if not events:
-            sel.unregister(self.conn)
-        elif not self.events:
-            sel.register(self.conn, events, self)
-        else:
-            sel.modify(self.conn, events, self)
-        self.events = events
-
-    def _write(self) -> None:
-        try:
-            sent = self.conn.send(self.outbuf)
-        except BlockingIOError:
-            return
-        except OSError:
-            self.close()
-            return
-        del self.outbuf[:sent]
-        self._settle()
-
-    def send(self, data: bytes) -> None:
-        self.pending -= 1
-        if self.closed:
-            return
-        frame = len(data).to_bytes(2, "big") + data
-        if not self.outbuf:
-            try:
-                sent = self.conn.send(frame)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self.close()
-                return
-            frame = frame[sent:]
-        self.outbuf += frame
-        if len(self.outbuf) > self.server.limits.tcp_outbuf:
-            self.close()  # a client that does not read its answers
-            return
-        self._frames()  # queries held back by the pending limit may go on now
-
-    def release(self) -> None:
-        self.pending -= 1
-        if not self.closed:
-            self._frames()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self.events:
-            self.server.sel.unregister(self.conn)
-            self.events = 0
-        self.conn.close()
-        self.server.clients.pop(self, None)
-
-
-class _UdpListener:
-    def __init__(self, server: _Resolver, sock: socket.socket) -> None:
-        self.server = server
-        self.sock = sock
-
-    def on_event(self, _mask: int, _now: float) -> None:
-        sock = self.sock
-        handle = self.server.handle
-        for _ in range(self.server.limits.udp_burst):
-            try:
-                data, addr = sock.recvfrom(4096)  # larger than any real query; a longer datagram is garbage
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            handle(data, _UdpDest(sock, addr))
-
-
-class _TcpListener:
-    def __init__(self, server: _Resolver, sock: socket.socket) -> None:
-        self.server = server
-        self.sock = sock
-
-    def on_event(self, _mask: int, now: float) -> None:
-        server = self.server
-        for _ in range(16):
-            try:
-                conn, _addr = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return  # EMFILE and friends: the kernel keeps the connection queued for later
-            conn.setblocking(False)
-            if len(server.clients) >= server.limits.tcp_clients:
-                min(server.clients, key=lambda c: c.last).close()
-            server.clients[_TcpClient(server, conn, now)] = None
-
-
-# ---------------------------------------------------------------------------------------------- the resolver
 
 
 class _Pending:
