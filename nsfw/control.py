@@ -7,7 +7,7 @@ import os
 import time
 from typing import Any
 
-from . import keeper, netns, reconcile, state
+from . import keeper, nspath, state
 from .errors import NsfwError
 
 STOP_WAIT = 10.0
@@ -18,7 +18,7 @@ def _counters(record: state.Record) -> dict[str, dict[str, int]]:
     from .compile import TABLE
 
     try:
-        with netns.entered(record.netns):
+        with nspath.entered(record.netns):
             return nft.named_counters(TABLE)
     except OSError:
         return {}
@@ -58,13 +58,15 @@ def matching(ref: str) -> list[state.Record]:
 def stop(record: state.Record, grace: float) -> None:
     """End every process of the sandbox (TERM, then KILL after `grace`), then see it removed: by its keeper,
     or here when nobody owns it any more."""
-    path = netns.path(record.netns)
+    path = nspath.path(record.netns)
     if os.path.exists(path):
         keeper.kill_all(keeper.netns_id(path), grace)
     deadline = time.monotonic() + STOP_WAIT
     while state.load(record.id) is not None and state.alive(record) and time.monotonic() < deadline:
         time.sleep(0.05)
     if state.load(record.id) is not None:
+        from . import reconcile  # pyroute2: only when nobody else removed it
+
         with state.locked():
             reconcile.reap(record)
         reconcile.release(record)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import NoReturn
 
-from . import netns, state
+from . import nspath, state
 
 LINGER_POLL = 0.25
 
@@ -39,6 +39,20 @@ def processes_in(ns: tuple[int, int]) -> list[int]:
                 continue  # gone meanwhile, or a kernel thread
             if (st.st_dev, st.st_ino) == ns:
                 found.append(int(entry))
+    return found
+
+
+def processes_by_namespace(wanted: set[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
+    """One scan of /proc for many namespaces at once (gc of many sandboxes)."""
+    found: dict[tuple[int, int], list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                st = os.stat(f"/proc/{entry}/ns/net")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in wanted:
+                found.setdefault((st.st_dev, st.st_ino), []).append(int(entry))
     return found
 
 
@@ -77,7 +91,7 @@ def keep(record: state.Record, from_supervisor: int, to_supervisor: int, on_star
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(s, signal.SIG_IGN)  # the terminal's signals are COMMAND's business, not ours
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        ns = netns_id(netns.path(record.netns))
+        ns = netns_id(nspath.path(record.netns))
         on_start()
         _say(to_supervisor, b"ready")
         watching, handed_over = [from_supervisor], False

@@ -5,41 +5,20 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 
-from .caps import CLONE_NEWNET, setns
 from .errors import SetupError
 from .names import SANDBOX_IF, HostEnv, IPNetwork
+from .nspath import NETNS_DIR, entered, path
 
-NETNS_DIR = "/run/netns"
+__all__ = ["NETNS_DIR", "entered", "path"]  # the light half lives in nspath; these are used here too
+
 RTN_UNICAST = 1
 IFA_F_NODAD = 0x02
 GONE = {errno.ENOENT, errno.ENODEV, errno.ESRCH, errno.EINVAL}
-
-
-def path(name: str) -> str:
-    return os.path.join(NETNS_DIR, name)
-
-
-@contextmanager
-def entered(name: str) -> Iterator[None]:
-    """Run the body inside namespace `name`: sockets created there stay bound to it after we return."""
-    home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    target = os.open(path(name), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        setns(target, CLONE_NEWNET)
-        try:
-            yield
-        finally:
-            setns(home, CLONE_NEWNET)
-    finally:
-        os.close(target)
-        os.close(home)
 
 
 def create(name: str) -> None:
@@ -137,6 +116,15 @@ def add_veth(host_if: str, ns: str) -> None:
             from e
     finally:
         os.close(fd)
+
+
+def link_names() -> list[str]:
+    """Names of the links of the current namespace. Never raises."""
+    try:
+        with IPRoute() as ipr:
+            return [link.get_attr("IFLA_IFNAME") for link in _dump(ipr.get_links)]
+    except (NetlinkError, NetlinkDumpInterrupted, OSError):
+        return []
 
 
 def delete_link(ifname: str) -> bool:

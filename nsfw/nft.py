@@ -40,6 +40,18 @@ def delete_table(name: str, family: str = "inet") -> bool:
     return bool(rc == 0)
 
 
+def delete_tables(names: list[str], family: str = "inet") -> bool:
+    """Remove many tables in one transaction (each costs the kernel a grace period otherwise)."""
+    cmds = [{"delete": {"table": {"family": family, "name": n}}} for n in names]
+    try:
+        rc, _out, _err = _ctx().json_cmd({"nftables": cmds})
+    except Exception:
+        return False
+    if rc != 0:  # one of them vanished meanwhile: fall back to one by one
+        return any([delete_table(n, family) for n in names])
+    return True
+
+
 def tables(family: str = "inet") -> list[str]:
     rc, out, _err = _ctx().cmd(f"list tables {family}")
     if rc != 0 or not out:

@@ -8,6 +8,7 @@ record. Every step treats "already gone" as done, so any of it can run twice, or
 from __future__ import annotations
 
 import os
+import time
 
 from . import forwarding, keeper, netns, nft, state
 
@@ -75,10 +76,58 @@ def reap_dead() -> list[state.Record]:
 
 
 def gc(dry_run: bool = False) -> list[tuple[state.Record, list[str]]]:
-    """`nsfw gc`: reconcile records with /proc and the kernel. A second run finds nothing to do."""
+    """`nsfw gc`: reconcile records with /proc and the kernel. A second run finds nothing to do.
+
+    Done in batches, because a thousand stale sandboxes must not cost a thousand of everything: one scan of
+    /proc finds their processes, one transaction removes their tables, and removing their namespaces lets the
+    kernel destroy their veths together (gc waits until they are gone, so it returns with nothing left)."""
     with state.locked():
         gone = dead()
-        report = [(r, ["would remove"] if dry_run else reap(r)) for r in gone]
-        if not dry_run and not state.records():
+        if dry_run:
+            return [(r, ["would remove"]) for r in gone]
+        report = _reap_all(gone)
+        if not state.records():
             forwarding.restore()  # also a leftover from a crash between the last record and the restore
     return report
+
+
+def _reap_all(gone: list[state.Record]) -> list[tuple[state.Record, list[str]]]:
+    if not gone:
+        return []
+    removed: dict[str, list[str]] = {r.id: [] for r in gone}
+    by_ns = {}
+    for r in gone:
+        p = netns.path(r.netns)
+        if os.path.exists(p):
+            by_ns[keeper.netns_id(p)] = r
+    for ns, pids in keeper.processes_by_namespace(set(by_ns)).items():
+        keeper.kill_all(ns)
+        removed[by_ns[ns].id].append(f"{len(pids)} process(es)")
+    tables = set(nft.tables())
+    doomed = [r for r in gone if r.table and r.table in tables]
+    if doomed and nft.delete_tables([r.table for r in doomed if r.table]):
+        for r in doomed:
+            removed[r.id].append(f"table inet {r.table}")
+    for r in gone:
+        if netns.remove(r.netns):
+            removed[r.id].append(f"netns {r.netns}")
+    _await_links_gone({r.veth: r for r in gone if r.veth}, removed)
+    for r in gone:
+        if state.drop_dir(r.id):
+            removed[r.id].append(f"files {state.sandbox_dir(r.id)}")
+        state.drop(r.id)
+    return [(r, removed[r.id]) for r in gone]
+
+
+def _await_links_gone(veths: dict[str, state.Record], removed: dict[str, list[str]], timeout: float = 5.0) -> None:
+    """The kernel destroys a veth with its namespace, asynchronously; what is still there after `timeout` (a
+    namespace something else still holds) is deleted by name."""
+    existed = left = set(veths) & set(netns.link_names())
+    deadline = time.monotonic() + timeout
+    while left and time.monotonic() < deadline:
+        time.sleep(0.02)
+        left = left & set(netns.link_names())
+    for name in left:
+        netns.delete_link(name)
+    for name in existed:
+        removed[veths[name].id].append(f"link {name}")
