@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+import socket
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -79,7 +80,9 @@ def _verdict(v: str, target: str | None = None) -> dict[str, Any]:
 
 
 def _addr(value: int, version: int) -> str:
-    return str(ipaddress.ip_address(value) if version == 4 else ipaddress.IPv6Address(value))
+    if version == 4:
+        return socket.inet_ntop(socket.AF_INET, value.to_bytes(4, "big"))
+    return str(ipaddress.IPv6Address(value))  # ipaddress's spelling of IPv6, as elsewhere in the output
 
 
 def _addr_elem(span: Span, version: int) -> Any:
@@ -116,19 +119,20 @@ def rule_cells(rule: Rule, version: int) -> list[Cell]:
 
 
 def _span(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Span:
-    return int(net.network_address), int(net.broadcast_address)
+    lo = int(net.network_address)
+    return lo, lo | ((1 << (net.max_prefixlen - net.prefixlen)) - 1)
 
 
 def cidr_boxes(rules: Iterable[Rule], version: int) -> list[Box]:
     """Address boxes of the cidr rules that open or close only some protocols or ports, less those that a
     whole-network rule of the same list already covers."""
     rules = list(rules)
-    whole = merge_addresses(_span(n) for n in cidr_whole(rules, version))
+    whole = merge_addresses(cidr_whole(rules, version))
     starts = [lo for lo, _hi in whole]
     out: list[Box] = []
     for rule in rules:
-        if rule.kind == "cidr" and rule.network.version == version and (rule.ports or rule.proto != "any"):
-            lo, hi = _span(rule.network)
+        if rule.kind == "cidr" and rule.span[0] == version and (rule.ports or rule.proto != "any"):
+            lo, hi = rule.span[1:]
             i = bisect.bisect_right(starts, lo) - 1
             if i >= 0 and whole[i][1] >= hi:
                 continue
@@ -136,11 +140,10 @@ def cidr_boxes(rules: Iterable[Rule], version: int) -> list[Box]:
     return out
 
 
-def cidr_whole(rules: Iterable[Rule], version: int) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    """Networks of the cidr rules that cover every protocol and port: a plain interval set holds them, the
+def cidr_whole(rules: Iterable[Rule], version: int) -> list[Span]:
+    """Address spans of the cidr rules that cover every protocol and port: a plain interval set holds them, the
     quickest kind to load and to look up (a 100,000-line blocklist is one of these)."""
-    return [r.network for r in rules if r.kind == "cidr" and r.network.version == version and not r.ports
-            and r.proto == "any"]
+    return [r.span[1:] for r in rules if r.kind == "cidr" and not r.ports and r.proto == "any" and r.span[0] == version]
 
 
 def _zone_cells(rules: Iterable[Rule], chain: str) -> dict[int, list[Cell]]:
@@ -190,7 +193,11 @@ def _timeout_set(name: str, version: int) -> Cmd:
 
 
 def _addr_set(name: str, version: int, nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> Cmd:
-    spans = merge_addresses(_span(n) for n in nets if n.version == version)
+    return _span_set(name, version, [_span(n) for n in nets if n.version == version])
+
+
+def _span_set(name: str, version: int, spans_in: Iterable[Span]) -> Cmd:
+    spans = merge_addresses(spans_in)
     spec: dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": name,
                             "type": "ipv4_addr" if version == 4 else "ipv6_addr", "flags": ["interval"]}
     if spans:
@@ -277,8 +284,8 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
         cmds.append(_addr_set(f"host{v}", v, host_nets))
         cmds.append(_addr_set(f"lan{v}", v, lan_nets))
         cmds.append(_addr_set(f"other{v}", v, _networks(OTHER4 if v == 4 else OTHER6)))
-        cmds.append(_addr_set(f"denyaddr{v}", v, parts["deny", v][0]))
-        cmds.append(_addr_set(f"allowaddr{v}", v, parts["allow", v][0]))
+        cmds.append(_span_set(f"denyaddr{v}", v, parts["deny", v][0]))
+        cmds.append(_span_set(f"allowaddr{v}", v, parts["allow", v][0]))
         cmds.append(_concat_set(f"deny{v}", v, parts["deny", v][1]))
         cmds.append(_concat_set(f"allow{v}", v, parts["allow", v][1]))
         for i in range(len(name_groups(profile))):

@@ -12,6 +12,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -81,6 +82,12 @@ class Rule:
     @cached_property
     def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         return ipaddress.ip_network(self.value)
+
+    @cached_property
+    def span(self) -> tuple[int, int, int]:
+        """(IP version, first address, last address) as integers: what the compiler works with, computed
+        without ipaddress objects, which cost microseconds each on a list of 100,000 networks."""
+        return cidr_span(self.value)
 
     @property
     def key(self) -> tuple[str, str, str, tuple[tuple[int, int], ...]]:
@@ -668,6 +675,30 @@ def _expand_lists(rules: list[Rule], profile: Path, which: str, read: Reader, er
     return out
 
 
+def cidr_span(text: str) -> tuple[int, int, int]:
+    """A normalized address or network (no host bits) as (version, first, last)."""
+    addr, _, length = text.partition("/")
+    family, bits, version = (socket.AF_INET6, 128, 6) if ":" in addr else (socket.AF_INET, 32, 4)
+    lo = int.from_bytes(socket.inet_pton(family, addr), "big")
+    return version, lo, lo | ((1 << (bits - (int(length) if length else bits))) - 1)
+
+
+_IPV4 = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?:/(\d{1,2}))?$", re.ASCII)
+
+
+def _fast_ipv4(entry: str) -> tuple[str, tuple[int, int, int]] | None:
+    """A list's IPv4 address or network, host bits cleared, without ipaddress (most of a blocklist)."""
+    m = _IPV4.match(entry)
+    if not m:
+        return None
+    a, b, c, d = int(m[1]), int(m[2]), int(m[3]), int(m[4])
+    plen = int(m[5]) if m[5] else 32
+    if max(a, b, c, d) > 255 or plen > 32:
+        return None
+    lo = ((a << 24) | (b << 16) | (c << 8) | d) & ~((1 << (32 - plen)) - 1) & 0xFFFFFFFF
+    return f"{socket.inet_ntop(socket.AF_INET, lo.to_bytes(4, 'big'))}/{plen}", (4, lo, lo | ((1 << (32 - plen)) - 1))
+
+
 def parse_list(data: bytes, file: str, rule: Rule, errors: list[ProfileError], deny: bool = False) -> list[Rule]:
     try:
         text = data.decode("utf-8")
@@ -681,6 +712,12 @@ def parse_list(data: bytes, file: str, rule: Rule, errors: list[ProfileError], d
         if not entry:
             continue
         if _looks_like_address(entry):
+            fast = _fast_ipv4(entry)
+            if fast:
+                entry_rule = Rule("cidr", fast[0], rule.proto, rule.ports, f"{file}: line {number}", file)
+                entry_rule.__dict__["span"] = fast[1]  # already known: spare the compiler the parse
+                out.append(entry_rule)
+                continue
             try:
                 net = str(ipaddress.ip_network(entry, strict=False)) if "%" not in entry else None
             except ValueError:
