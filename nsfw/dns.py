@@ -317,7 +317,7 @@ def start(inst: Instance, netns_path: str, profile: Profile, host_addresses: Seq
             _keep_only({*(s.fileno() for s in (*udp, *tcp, theirs)), log.fileno(), ready_w})
             launch.drop_privileges(NOBODY)
             caps.prctl(caps.PR_SET_PDEATHSIG, signal.SIGKILL)  # cleared by the uid change
-            for s in SETUP_SIGNALS:
+            for s in launch.DEFAULT_FORWARD:  # the supervisor's handlers are not the resolver's
                 signal.signal(s, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, set())
             os.write(ready_w, b"1")
@@ -362,5 +362,3 @@ def _keep_only(keep: set[int]) -> None:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-
-SETUP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)

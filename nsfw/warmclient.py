@@ -11,6 +11,7 @@ import socket
 import sys
 
 SOCKET = "/run/nsfw/warm.sock"
+# launch.DEFAULT_FORWARD, spelled out: importing launch (ctypes, pwd) would cost the client what it saves
 RELAYED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
            signal.SIGWINCH, signal.SIGCONT)
 

@@ -186,3 +186,9 @@ def test_privilege_problems_names_what_is_left() -> None:
     for expected in ("uids are", "gids are", "groups are", "CapBnd is 000001ffffffffff", "no_new_privs"):
         assert expected in problems
     assert "CapAmb" not in problems
+
+
+def test_the_warm_client_relays_the_same_signals() -> None:
+    from nsfw.warmclient import RELAYED
+
+    assert tuple(RELAYED) == tuple(DEFAULT_FORWARD)
