@@ -10,14 +10,16 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import __version__
-from . import profile as profiles
 from .cli_desktop import desktop
 from .errors import NsfwError, PrivilegeError
+
+if TYPE_CHECKING:
+    from . import profile as profiles
 
 RUN_FAILED = 125  # nsfw failed before COMMAND started
 
@@ -55,12 +57,16 @@ def cli() -> None:
 
 
 def _dirs(home: str | None = None) -> list[Path]:
+    from . import profile as profiles  # yaml: only for commands that read profiles
+
     return profiles.search_path(os.environ, home or os.path.expanduser("~"))
 
 
 def _complete_profile(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
     """Shell completion: the profile names along the search path, or files once the word looks like a path."""
     from click.shell_completion import CompletionItem
+
+    from . import profile as profiles  # yaml: only for commands that read profiles
 
     if profiles.is_path(incomplete):
         return [CompletionItem(incomplete, type="file")]
@@ -87,6 +93,7 @@ def run(ref: str | None, new: bool, env_file: str | None, command: tuple[str, ..
     126 when COMMAND is not executable; 127 when it is not found.
     """
     from . import launch
+    from . import profile as profiles  # yaml: only for commands that read profiles
 
     if command[:1] == ("--",):
         command = command[1:]
@@ -127,6 +134,8 @@ def run(ref: str | None, new: bool, env_file: str | None, command: tuple[str, ..
 @click.argument("refs", nargs=-1, required=True, metavar="PROFILE...", shell_complete=_complete_profile)
 def check(refs: tuple[str, ...]) -> None:
     """Validate profiles: exit 0 when all are valid, else 1 with one line per problem."""
+    from . import profile as profiles  # yaml: only for commands that read profiles
+
     dirs = _dirs()
     bad = False
     for ref in refs:
@@ -151,6 +160,7 @@ def rules(ref: str, as_json: bool) -> None:
     listed as comments at the top.
     """
     from . import compile as rulesets
+    from . import profile as profiles  # yaml: only for commands that read profiles
     from .names import Instance
 
     prof = profiles.load(ref, _dirs())
@@ -168,6 +178,7 @@ def rules(ref: str, as_json: bool) -> None:
 
 def _name_comments(prof: profiles.Profile) -> str:
     """The name rules, which live in the sandbox's resolver rather than in the ruleset, as comments."""
+
     from .compile import grant_set, name_groups
 
     lines = [f"# profile {prof.name}, sha256 {prof.sha256[:16]}"]

@@ -5,17 +5,29 @@ from __future__ import annotations
 
 import os
 import sys
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import click
 
-from . import desktop_store as store
 from .desktop import DesktopError
+
+if TYPE_CHECKING:
+    from . import desktop_store
 
 _SYSTEM_HELP = "Act on the system-wide entries in /usr/local/share/applications (root) instead of yours."
 
 
-def _scope(system: bool) -> store.Scope:
-    return store.scope(system, os.environ, os.path.expanduser("~"))
+def _store() -> ModuleType:
+    """Loaded when a desktop command runs, not on every `nsfw` invocation."""
+    from . import desktop_store
+
+    return desktop_store
+
+
+def _scope(system: bool) -> desktop_store.Scope:
+    scope: desktop_store.Scope = _store().scope(system, os.environ, os.path.expanduser("~"))
+    return scope
 
 
 @click.group()
@@ -36,7 +48,7 @@ def wrap(apps: tuple[str, ...], profile: str | None, system: bool) -> None:
     failed = False
     for app in apps:
         try:
-            done = store.wrap(sc, app, profile)
+            done = _store().wrap(sc, app, profile)
         except (DesktopError, OSError) as e:
             click.echo(f"nsfw: {app}: {e}", err=True)
             failed = True
@@ -46,7 +58,7 @@ def wrap(apps: tuple[str, ...], profile: str | None, system: bool) -> None:
         for note in done.notes:
             click.echo(f"nsfw: note: {note}", err=True)
     if not system and not failed:
-        problem = store.group_note(os.environ.get("USER") or str(os.getuid()), os.getgroups())
+        problem = _store().group_note(os.environ.get("USER") or str(os.getuid()), os.getgroups())
         if problem:
             click.echo(f"nsfw: note: {problem}", err=True)
     sys.exit(1 if failed else 0)
@@ -61,7 +73,7 @@ def unwrap(apps: tuple[str, ...], system: bool) -> None:
     failed = False
     for app in apps:
         try:
-            for line in store.unwrap(sc, app):
+            for line in _store().unwrap(sc, app):
                 click.echo(f"{app}: {line}")
         except (DesktopError, OSError) as e:
             click.echo(f"nsfw: {app}: {e}", err=True)
@@ -75,7 +87,7 @@ def list_(system: bool) -> None:
     """The wrapped entries: id, profile, whether the original changed since (then run `nsfw desktop sync`)."""
     scopes = [_scope(True)] if system else [_scope(False), _scope(True)]
     rows = [(st.id[:-len(".desktop")], st.profile or "(by command)", sc.name, st.state, st.original)
-            for sc in scopes for st in store.wrapped(sc)]
+            for sc in scopes for st in _store().wrapped(sc)]
     if not rows:
         click.echo("no wrapped entries (`nsfw desktop wrap APP` makes one)", err=True)
         return
@@ -90,7 +102,7 @@ def list_(system: bool) -> None:
 @click.option("--system", is_flag=True, help=_SYSTEM_HELP)
 def sync(system: bool) -> None:
     """Wrap again the entries whose original changed (a package upgrade); drop those whose original is gone."""
-    done = store.sync(_scope(system))
+    done = _store().sync(_scope(system))
     for line in done:
         click.echo(line)
     if not done:
