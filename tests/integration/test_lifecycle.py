@@ -95,7 +95,7 @@ def test_stop_by_profile_ends_the_whole_sandbox(world: Any) -> None:
     assert done.returncode == 0 and "stopped" in done.stdout, done.stderr
     out, _ = proc.communicate(timeout=20)
     assert "term" in out and proc.returncode == 3
-    assert not world.run(["pgrep", "-f", "sleep 300"]).stdout.strip()  # the orphaned grandchild too
+    assert not world.run(["pgrep", "-f", "^sleep 300"]).stdout.strip()  # the orphaned grandchild too
     settle(world)
 
 
@@ -136,7 +136,7 @@ def test_gc_after_supervisor_and_keeper_are_killed(world: Any) -> None:
     assert any(r["id"] == rec["id"] for r in records(world))  # the dry run removed nothing
     done = nsfw(world, "gc")
     assert done.returncode == 0 and rec["id"] in done.stdout and "1 process(es)" in done.stdout, done.stdout
-    assert not world.run(["pgrep", "-f", "sleep 311"]).stdout.strip()  # the stray was killed
+    assert not world.run(["pgrep", "-f", "^sleep 311"]).stdout.strip()  # the stray was killed
     assert nsfw(world, "gc").stdout.strip() == "nothing to do"  # a second run finds nothing
 
 
@@ -162,7 +162,7 @@ def test_supervisor_killed_while_command_runs_kills_the_whole_tree(world: Any) -
     proc.wait(timeout=20)
     assert proc.returncode in (-9, 137)
     settle(world)
-    leftovers = world.run(["pgrep", "-f", "sleep 30[123]"]).stdout.split()
+    leftovers = world.run(["pgrep", "-f", "^sleep 30[123]"]).stdout.split()
     assert not leftovers, "COMMAND's whole tree must die with its supervisor"
     nsfw(world, "gc")
 

@@ -93,10 +93,10 @@ def test_killed_client_takes_the_whole_tree_with_it(world: Any, daemon: Any) -> 
     proc.kill()
     proc.wait(timeout=10)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (world.run(["pgrep", "-f", "sleep 32[12]"]).stdout.strip()
+    while time.monotonic() < deadline and (world.run(["pgrep", "-f", "^sleep 32[12]"]).stdout.strip()
                                            or world.run(["ls", "/run/nsfw/sandboxes"]).stdout.strip()):
         time.sleep(0.05)
-    assert not world.run(["pgrep", "-f", "sleep 32[12]"]).stdout.strip()
+    assert not world.run(["pgrep", "-f", "^sleep 32[12]"]).stdout.strip()
     assert not world.run(["ls", "/run/nsfw/sandboxes"]).stdout.strip()
 
 
