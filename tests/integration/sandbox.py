@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,3 +82,11 @@ def as_user(user: Any) -> dict[str, str]:
     return {"SUDO_UID": str(user.uid), "SUDO_GID": str(user.gid), "SUDO_USER": user.name}
 
 
+def settle(world: Any, timeout: float = 15) -> None:
+    """Keepers remove a sandbox after nsfw exits when something else still ran in it: wait for that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = world.run(["sh", "-c", "ls /run/nsfw/sandboxes 2>/dev/null; ls /run/netns | grep ^nsfw"]).stdout
+        if not busy.strip():
+            return
+        time.sleep(0.05)

@@ -28,7 +28,7 @@ import pytest
 
 from nsfw import desktop
 
-from .sandbox import PY, ROOT, baseline, snapshot_diff
+from .sandbox import PY, ROOT, baseline, settle, snapshot_diff
 
 __all__ = ["baseline", "snapshot_diff"]  # fixtures, used by name
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="integration tests build namespaces: run as root")
@@ -137,16 +137,6 @@ def _as_user_popen(world: Any, user: Any, argv: list[str], env: dict[str, str], 
     return world.popen(_user_cmd(user, argv, env), env={"PATH": TOOL_PATH}, **kw)
 
 
-def _settle(world: Any, timeout: float = 15) -> None:
-    """Keepers remove a sandbox after nsfw exits: wait for that before the baseline compares."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        busy = world.run(["sh", "-c", "ls /run/nsfw/sandboxes 2>/dev/null; ls /run/netns | grep ^nsfw"]).stdout
-        if not busy.strip():
-            return
-        time.sleep(0.05)
-
-
 def _write_entry(inst: Install, user: Any, name: str, text: str) -> None:
     system = inst.root / "home" / "system" / "applications"
     system.mkdir(parents=True, exist_ok=True)
@@ -228,7 +218,7 @@ Exec={PY} -I "{quoted}" --second %f
     assert argv[:4] == [install.launcher, "--profile", "offline", "--"]
     env = _session_env(install, test_user)
     done = _as_user(world, test_user, argv, env, timeout=60)
-    _settle(world)
+    settle(world)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["argv"] == ["--title", 'a "quoted" title', "--cost=$5", *urls]
@@ -246,7 +236,7 @@ Exec={PY} -I "{quoted}" --second %f
 
     action = _exec_argv(entry, "Desktop Action second", files=("/tmp/x y.txt",))
     done = _as_user(world, test_user, action, env, timeout=60)
-    _settle(world)
+    settle(world)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["argv"] == ["--second", "/tmp/x y.txt"]
 
@@ -262,7 +252,7 @@ def test_launch_from_inside_a_sandbox_stays_in_it(world: Any, install: Install, 
     outer = ["sudo", "-n", install.nsfw, "run", "-p", "offline", "--", "sh", "-c",
              'readlink /proc/self/ns/net; exec "$@"', "sh", *argv]
     done = _as_user(world, test_user, outer, _session_env(install, test_user), timeout=60)
-    _settle(world)
+    settle(world)
     assert done.returncode == 0, done.stderr
     netns, report = done.stdout.split("\n", 1)
     out = json.loads(report)
@@ -294,7 +284,7 @@ def test_single_instance_warning(world: Any, install: Install, test_user: Any) -
                 break
             time.sleep(0.05)
         done = _as_user(world, test_user, _exec_argv(entry), env)
-        _settle(world)
+        settle(world)
         assert done.returncode == 0, done.stderr
         assert "fakeapp already runs outside nsfw as you" in done.stderr
         assert "Quit fakeapp first" in done.stderr
@@ -302,7 +292,7 @@ def test_single_instance_warning(world: Any, install: Install, test_user: Any) -
         outside.kill()
         outside.wait()
     done = _as_user(world, test_user, _exec_argv(entry), env)
-    _settle(world)
+    settle(world)
     assert done.returncode == 0 and "already runs outside" not in done.stderr, done.stderr
 
 
@@ -315,7 +305,7 @@ def _sudo(world: Any, user: Any, *argv: str, env: dict[str, str] | None = None) 
 
 def test_member_may_run_nsfw_run_and_nothing_else(world: Any, install: Install, test_user: Any) -> None:
     done = _sudo(world, test_user, install.nsfw, "run", "-p", "offline", "--", "id", "-u")
-    _settle(world)
+    settle(world)
     assert done.returncode == 0 and done.stdout.strip() == str(test_user.uid), done.stderr
     refused = [
         [install.nsfw, "demo"],
@@ -345,7 +335,7 @@ def test_command_cannot_regain_root(world: Any, install: Install, test_user: Any
              f"{PY} -c 'import os; os.setuid(0)'; "
              f"{PY} -c 'import os; print(\"euid\", os.geteuid())'")
     done = _sudo(world, test_user, install.nsfw, "run", "-p", "offline", "--", "sh", "-c", tries)
-    _settle(world)
+    settle(world)
     assert f"euid {test_user.uid}" in done.stdout, done.stdout + done.stderr
     assert "0" not in done.stdout.replace(f"euid {test_user.uid}", "").split(), done.stdout
     assert "no new privileges" in done.stderr or "effective uid is not 0" in done.stderr, done.stderr
@@ -374,7 +364,7 @@ def test_files_the_member_cannot_read_stay_unread(world: Any, install: Install, 
             assert "top-secret" not in done.stdout + done.stderr and "root:" not in done.stdout + done.stderr
         # root itself may read its own files: the refusal above is the user's permissions, not a blanket one
         done = world.run([install.nsfw, "run", f"--environment={secret}", "-p", "offline", "--", "env"])
-        _settle(world)
+        settle(world)
         assert done.returncode == 0 and "SECRET=top-secret-value" in done.stdout, done.stderr
     finally:
         link.unlink()
@@ -419,7 +409,7 @@ def test_environment_variables_reach_no_root_process(world: Any, install: Instal
         env = {"PATH": TOOL_PATH, "HOME": test_user.home, **hostile}
         done = _as_user(world, test_user, ["sudo", "-n", install.nsfw, "run", "-p", "offline", "--", "sh", "-c",
                                            f"id -u; {count_links}"], env)
-        _settle(world)
+        settle(world)
         assert done.returncode == 0, done.stderr
         assert done.stdout.split() == [str(test_user.uid), "1"]  # as the user; the shipped `offline`: only lo
         # 2. in the --environment file: they reach COMMAND, which runs as the user anyway, and nothing else
@@ -429,7 +419,7 @@ def test_environment_variables_reach_no_root_process(world: Any, install: Instal
         os.chmod(env_file, 0o600)
         done = _sudo(world, test_user, install.nsfw, "run", f"--environment={env_file}", "-p", "offline", "--",
                      "sh", "-c", f"id -u; echo $PKEXEC_UID; {count_links}")
-        _settle(world)
+        settle(world)
         env_file.unlink()
         assert done.returncode == 0, done.stderr
         lines = done.stdout.split()
@@ -467,7 +457,7 @@ def test_member_cannot_touch_another_users_sandbox(world: Any, install: Install,
     finally:
         world.run(["kill", "-TERM", str(other.pid)])
         other.communicate(timeout=30)
-        _settle(world)
+        settle(world)
 
 
 # ---------------------------------------------------------------------------------------------- X11
@@ -577,7 +567,7 @@ def test_x11_app_from_a_wrapped_entry_opens_its_window(world: Any, install: Inst
     finally:
         launch.terminate()  # the launcher relays it through sudo and nsfw to xclock
         out, err = launch.communicate(timeout=30)
-        _settle(world)
+        settle(world)
     assert launch.returncode in (0, 143, 128 + 15), err
     assert not _xclock_window(world, xvfb)
 
@@ -591,7 +581,7 @@ def test_display_reachable_only_through_an_abstract_socket_is_refused(world: Any
     entry = _wrap(world, install, test_user, "xclock", "--profile", "offline")
     env = _session_env(install, test_user, DISPLAY=xvfb["DISPLAY"], XAUTHORITY=xvfb["XAUTHORITY"])
     done = _as_user(world, test_user, _exec_argv(entry), env, timeout=60)
-    _settle(world)
+    settle(world)
     assert done.returncode == 125, done.stderr
     assert f"reachable only through the abstract socket @/tmp/.X11-unix/X{n}" in done.stderr
     assert "-nolisten unix" in done.stderr
@@ -599,5 +589,5 @@ def test_display_reachable_only_through_an_abstract_socket_is_refused(world: Any
     assert world.run(["pgrep", "-u", str(test_user.uid), "-x", "xclock"]).returncode == 1
     # and the same for `nsfw run` from a terminal, whose environment has the display
     done = world.run([install.nsfw, "run", "-p", "offline", "--", "xclock"], env=xvfb)
-    _settle(world)
+    settle(world)
     assert done.returncode == 125 and "abstract socket" in done.stderr, done.stderr

@@ -22,7 +22,7 @@ import pytest
 
 from nsfw.sandbox import SETUP_STEPS
 
-from .sandbox import NSFW, baseline, profile_dir, run, snapshot_diff, write_profile
+from .sandbox import NSFW, baseline, profile_dir, run, settle, snapshot_diff, write_profile
 
 __all__ = ["baseline", "profile_dir", "snapshot_diff"]  # fixtures, used by name
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="integration tests build namespaces: run as root")
@@ -36,16 +36,6 @@ def nsfw(world: Any, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
 def records(world: Any) -> list[dict[str, Any]]:
     out = world.run(["sh", "-c", "cat /run/nsfw/sandboxes/*.json 2>/dev/null"]).stdout
     return [json.loads(c) for c in out.replace("}\n{", "}\x00{").split("\x00") if c.strip()]
-
-
-def settle(world: Any, timeout: float = 10) -> None:
-    """Wait for keepers to finish removing their sandboxes (they do so after nsfw has exited)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        busy = world.run(["sh", "-c", "ls /run/nsfw/sandboxes 2>/dev/null; ls /run/netns | grep ^nsfw"]).stdout
-        if not busy.strip():
-            return
-        time.sleep(0.05)
 
 
 @contextmanager
