@@ -296,11 +296,11 @@ def start(inst: Instance, netns_path: str, profile: Profile, host_addresses: Seq
           log_path: str) -> Resolver:
     """Fork the sandbox's resolver: it binds port 53 on the gateway addresses, drops to nobody, and serves."""
     from .resolver.policy import Policy
-    from .resolver.upstream import parse_resolv_conf
+    from .resolver.upstream import read_resolv_conf
 
     allow, deny, open_names = policy_args(profile)
     policy = Policy(allow, deny, open_names)
-    upstreams = parse_resolv_conf(_read("/etc/resolv.conf"))
+    upstreams = read_resolv_conf()
     addresses = [str(a.ip) for a in (inst.gateway4, inst.gateway6) if a is not None]
     never = ungrantable([*host_addresses, *(ipaddress.ip_address(a) for a in addresses)])
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -14,7 +14,7 @@ import pwd
 import signal
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, NoReturn
+from typing import NoReturn
 
 from nsfw import caps
 from nsfw.errors import NsfwError, PrivilegeError, SetupError
@@ -49,10 +49,6 @@ class User:
     name: str
     home: str
     groups: tuple[int, ...]  # supplementary groups as initgroups would set them (the primary gid included)
-
-
-class Started(NamedTuple):
-    pid: int
 
 
 class ExecError(NsfwError):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import os
 from typing import Any
@@ -18,7 +17,6 @@ __all__ = ["NETNS_DIR", "entered", "path"]  # the light half lives in nspath; th
 
 RTN_UNICAST = 1
 IFA_F_NODAD = 0x02
-GONE = {errno.ENOENT, errno.ENODEV, errno.ESRCH, errno.EINVAL}
 
 
 def create(name: str) -> None:
@@ -40,13 +38,6 @@ def remove(name: str) -> bool:
         except OSError:
             return False
     return True
-
-
-def names(prefix: str) -> list[str]:
-    try:
-        return sorted(n for n in os.listdir(NETNS_DIR) if n.startswith(prefix))
-    except FileNotFoundError:
-        return []
 
 
 DUMP_TRIES = 10

@@ -67,13 +67,6 @@ def ruleset() -> list[dict[str, Any]]:
     return [item for item in json.loads(out or '{"nftables": []}')["nftables"] if "metainfo" not in item]
 
 
-def counters(table: str, family: str = "inet") -> list[dict[str, Any]]:
-    rc, out, _err = _ctx().cmd(f"list table {family} {table}")
-    if rc != 0 or not out:
-        return []
-    return [item["rule"] for item in json.loads(out)["nftables"] if "rule" in item]
-
-
 def render(cmds: list[dict[str, Any]]) -> str:
     """`cmds` in nft's own syntax, as nft itself prints it after loading it into a throwaway network namespace
     (so what `nsfw rules` shows is exactly what the kernel would hold, and is known to load)."""

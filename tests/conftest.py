@@ -65,26 +65,25 @@ def _need_integration() -> None:
 # ----------------------------------------------------------------------------------------------- the world
 
 
-@pytest.fixture(scope="session")
-def world() -> Iterator[World]:
-    """One simulated world for the whole session; tests must leave its host as they found it."""
+def _started_world() -> Iterator[World]:
     _need_integration()
     w = World().start()
     try:
         yield w
     finally:
         w.stop()
+
+
+@pytest.fixture(scope="session")
+def world() -> Iterator[World]:
+    """One simulated world for the whole session; tests must leave its host as they found it."""
+    yield from _started_world()
 
 
 @pytest.fixture
 def fresh_world() -> Iterator[World]:
     """A world of the test's own, for tests that change the world itself (start-up takes well under a second)."""
-    _need_integration()
-    w = World().start()
-    try:
-        yield w
-    finally:
-        w.stop()
+    yield from _started_world()
 
 
 @pytest.fixture(scope="session")
