@@ -19,7 +19,7 @@ import socket
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .intervals import Box, Cell, Span, disjoint, disjoint_cells, merge_addresses, span_to_prefixes
+from .intervals import Box, Cell, Span, disjoint, disjoint_cells, merge_addresses, merge_packed
 from .names import PREFIX, HostEnv, Instance
 from .profile import Profile, Rule
 
@@ -86,12 +86,26 @@ def _addr(value: int, version: int) -> str:
 
 
 def _addr_elem(span: Span, version: int) -> Any:
+    return _addr_elems([span], version)[0]
+
+
+def _addr_elems(spans: Iterable[Span], version: int) -> list[Any]:
+    """Each span in its shortest form: an address, a prefix (an aligned block of a power of two), else a range.
+    One loop with the IPv4 spelling inline: a blocklist's set has tens of thousands of elements."""
     bits = 32 if version == 4 else 128
-    prefixes = span_to_prefixes(span[0], span[1], bits)
-    if len(prefixes) == 1:
-        addr, length = prefixes[0]
-        return _addr(addr, version) if length == bits else {"prefix": {"addr": _addr(addr, version), "len": length}}
-    return {"range": [_addr(span[0], version), _addr(span[1], version)]}
+    ntop, af = socket.inet_ntop, socket.AF_INET
+    out: list[Any] = []
+    append = out.append
+    for lo, hi in spans:
+        size = hi - lo + 1
+        first = ntop(af, lo.to_bytes(4, "big")) if version == 4 else _addr(lo, 6)
+        if size & (size - 1) or lo & (size - 1):
+            append({"range": [first, ntop(af, hi.to_bytes(4, "big")) if version == 4 else _addr(hi, 6)]})
+        elif size == 1:
+            append(first)
+        else:
+            append({"prefix": {"addr": first, "len": bits + 1 - size.bit_length()}})
+    return out
 
 
 def _proto_elem(span: Span) -> Any:
@@ -123,27 +137,47 @@ def _span(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Span:
     return lo, lo | ((1 << (net.max_prefixlen - net.prefixlen)) - 1)
 
 
-def cidr_boxes(rules: Iterable[Rule], version: int) -> list[Box]:
-    """Address boxes of the cidr rules that open or close only some protocols or ports, less those that a
-    whole-network rule of the same list already covers."""
+def _rule_spans(rule: Rule, version: int) -> list[Span]:
+    """The address spans of a cidr rule or of a read list, for one IP version."""
+    if rule.kind == "cidr":
+        return [rule.span[1:]] if rule.span[0] == version else []
+    if rule.kind == "file" and rule.listed is not None:
+        return rule.listed.spans(version)
+    return []
+
+
+def cidr_boxes(rules: Iterable[Rule], version: int, whole: Sequence[Span] | None = None) -> list[Box]:
+    """Address boxes of the cidr rules and lists that open or close only some protocols or ports, less those
+    that a whole-network rule of the same list already covers (`whole`: cidr_whole's, when known already)."""
     rules = list(rules)
-    whole = merge_addresses(cidr_whole(rules, version))
+    if whole is None:
+        whole = cidr_whole(rules, version)
     starts = [lo for lo, _hi in whole]
     out: list[Box] = []
     for rule in rules:
-        if rule.kind == "cidr" and rule.span[0] == version and (rule.ports or rule.proto != "any"):
-            lo, hi = rule.span[1:]
-            i = bisect.bisect_right(starts, lo) - 1
-            if i >= 0 and whole[i][1] >= hi:
-                continue
-            out += [((lo, hi), cell) for cell in rule_cells(rule, version)]
+        if rule.ports or rule.proto != "any":
+            cells = rule_cells(rule, version)
+            for lo, hi in _rule_spans(rule, version):
+                i = bisect.bisect_right(starts, lo) - 1
+                if i >= 0 and whole[i][1] >= hi:
+                    continue
+                out += [((lo, hi), cell) for cell in cells]
     return out
 
 
 def cidr_whole(rules: Iterable[Rule], version: int) -> list[Span]:
-    """Address spans of the cidr rules that cover every protocol and port: a plain interval set holds them, the
-    quickest kind to load and to look up (a 100,000-line blocklist is one of these)."""
-    return [r.span[1:] for r in rules if r.kind == "cidr" and not r.ports and r.proto == "any" and r.span[0] == version]
+    """Address spans, merged and sorted, of the cidr rules and lists that cover every protocol and port: a plain
+    interval set holds them, the quickest kind to load and to look up (a 100,000-line blocklist is one of these)."""
+    bits = 32 if version == 4 else 128
+    packed: list[int] = []
+    for r in rules:
+        if r.ports or r.proto != "any":
+            continue
+        if r.kind == "cidr" and r.span[0] == version:
+            packed.append(r.span[1] << bits | r.span[2])
+        elif r.kind == "file" and r.listed is not None:
+            packed += r.listed.packed(version)
+    return merge_packed(packed, bits)
 
 
 def _zone_cells(rules: Iterable[Rule], chain: str) -> dict[int, list[Cell]]:
@@ -196,12 +230,13 @@ def _addr_set(name: str, version: int, nets: Iterable[ipaddress.IPv4Network | ip
     return _span_set(name, version, [_span(n) for n in nets if n.version == version])
 
 
-def _span_set(name: str, version: int, spans_in: Iterable[Span]) -> Cmd:
-    spans = merge_addresses(spans_in)
+def _span_set(name: str, version: int, spans_in: Iterable[Span], merged: bool = False) -> Cmd:
+    spans = spans_in if merged else merge_addresses(spans_in)
     spec: dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": name,
                             "type": "ipv4_addr" if version == 4 else "ipv6_addr", "flags": ["interval"]}
-    if spans:
-        spec["elem"] = [_addr_elem(s, version) for s in spans]
+    elems = _addr_elems(spans, version)
+    if elems:
+        spec["elem"] = elems
     return {"add": {"set": spec}}
 
 
@@ -249,8 +284,12 @@ Parts = dict[tuple[str, int], Any]  # ("allow" | "deny", version) -> (whole netw
 
 def _parts(profile: Profile) -> Parts:
     """Each list's cidr rules split once per compile, not once per chain: a blocklist is large."""
-    return {(which, v): (cidr_whole(rules, v), cidr_boxes(rules, v))
-            for which, rules in (("allow", profile.allow), ("deny", profile.deny)) for v in (4, 6)}
+    out: Parts = {}
+    for which, rules in (("allow", profile.allow), ("deny", profile.deny)):
+        for v in (4, 6):
+            whole = cidr_whole(rules, v)
+            out[which, v] = (whole, cidr_boxes(rules, v, whole))
+    return out
 
 
 def _zone_chain(chain: str, profile: Profile, parts: Parts) -> list[Cmd]:
@@ -284,8 +323,8 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
         cmds.append(_addr_set(f"host{v}", v, host_nets))
         cmds.append(_addr_set(f"lan{v}", v, lan_nets))
         cmds.append(_addr_set(f"other{v}", v, _networks(OTHER4 if v == 4 else OTHER6)))
-        cmds.append(_span_set(f"denyaddr{v}", v, parts["deny", v][0]))
-        cmds.append(_span_set(f"allowaddr{v}", v, parts["allow", v][0]))
+        cmds.append(_span_set(f"denyaddr{v}", v, parts["deny", v][0], merged=True))
+        cmds.append(_span_set(f"allowaddr{v}", v, parts["allow", v][0], merged=True))
         cmds.append(_concat_set(f"deny{v}", v, parts["deny", v][1]))
         cmds.append(_concat_set(f"allow{v}", v, parts["allow", v][1]))
         for i in range(len(name_groups(profile))):

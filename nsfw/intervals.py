@@ -75,6 +75,27 @@ def merge_addresses(spans: Iterable[Span]) -> tuple[Span, ...]:
     return _merge_spans(spans)
 
 
+def merge_packed(packed: Iterable[int], bits: int) -> list[Span]:
+    """merge_addresses for spans packed as FIRST << bits | LAST (profile.Listed): sorting ints is twice as quick
+    as sorting pairs, which counts on a list of a hundred thousand networks."""
+    mask = (1 << bits) - 1
+    out: list[Span] = []
+    lo = hi = -2
+    for key in sorted(packed):
+        first = key >> bits
+        if first <= hi + 1:
+            last = key & mask
+            if last > hi:
+                hi = last
+            continue
+        if hi >= 0:
+            out.append((lo, hi))
+        lo, hi = first, key & mask
+    if hi >= 0:
+        out.append((lo, hi))
+    return out
+
+
 def span_to_prefixes(lo: int, hi: int, bits: int) -> list[tuple[int, int]]:
     """A span as the fewest (address, prefix length) pairs, for readable output."""
     out: list[tuple[int, int]] = []
