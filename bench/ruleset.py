@@ -128,7 +128,8 @@ def measure(rounds: int = 5, n: int = 100_000) -> tuple[list[c.Row], dict[str, A
             c.log(f"ruleset: {label}: {min(cli[label]):.0f} ms at best")
         unshare_only = c.timed_inner(["unshare", "-n", "/bin/true"], rounds)
         prof = profiles.load(profile, [])
-        extra = {"cidrs": n, "rounds": rounds, "entries_after_load": sum(len(r.listed) if r.listed else 1 for r in prof.deny),
+        entries = sum(len(r.listed) if r.listed else 1 for r in prof.deny)
+        extra = {"cidrs": n, "rounds": rounds, "entries_after_load": entries,
                  "elements_nft": samples["nft"][0]["elements"], "elements_nsfw": samples["nsfw"][0]["elements"],
                  "samples": samples, "cli_ms": cli, "unshare_ms": unshare_only}
     finally:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+from itertools import pairwise
 from typing import Any
 
 from .caps import CLONE_NEWNET, CLONE_NEWUSER, unshare
@@ -67,9 +69,121 @@ def ruleset() -> list[dict[str, Any]]:
     return [item for item in json.loads(out or '{"nftables": []}')["nftables"] if "metainfo" not in item]
 
 
-def render(cmds: list[dict[str, Any]]) -> str:
+# Plain interval sets with more elements than this have them spelt here, exactly as `nft list` would, instead of
+# loaded into the kernel and listed back: that round trip cost `nsfw rules` most of a second for a 100,000-line
+# blocklist. Smaller sets, and everything else, still come from nft itself.
+PYTHON_ELEMENTS = 1000
+_ADDR_TYPES = {"ipv4_addr": (socket.AF_INET, 32), "ipv6_addr": (socket.AF_INET6, 128)}
+_SET_KEYS = {"family", "table", "name", "type", "flags", "elem"}
+# nft's line breaks in a set's elements (src/expression.c, calculate_delim): two IPv4 addresses a line, one IPv6
+_WRAP = ",\n\t\t\t     "
+
+
+def _elem_span(elem: Any, family: int, bits: int) -> tuple[int, int]:
+    pton, value = socket.inet_pton, int.from_bytes
+    if isinstance(elem, str):
+        lo = value(pton(family, elem), "big")
+        return lo, lo
+    if set(elem) == {"prefix"} and set(elem["prefix"]) == {"addr", "len"}:
+        lo, length = value(pton(family, elem["prefix"]["addr"]), "big"), elem["prefix"]["len"]
+        host = (1 << (bits - length)) - 1 if type(length) is int and 0 <= length <= bits else -1
+        if host < 0 or lo & host:
+            raise ValueError("not a network")
+        return lo, lo | host
+    if set(elem) == {"range"} and len(elem["range"]) == 2:
+        lo, hi = (value(pton(family, a), "big") for a in elem["range"])
+        if lo > hi:
+            raise ValueError("an empty range")
+        return lo, hi
+    raise ValueError("not an address, prefix or range")
+
+
+def format_elements(elems: list[Any], type_name: str) -> str | None:
+    """The `elements = { ... }` line(s) that `nft list` prints for a plain interval set of addresses holding
+    `elems` (as libnftables JSON spells them), or None where that cannot be told without the kernel: elements
+    that overlap or touch (the kernel refuses or joins them), or that are not addresses, prefixes or ranges."""
+    if type_name not in _ADDR_TYPES:
+        return None
+    family, bits = _ADDR_TYPES[type_name]
+    try:
+        spans = sorted(_elem_span(e, family, bits) for e in elems)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if not spans or any(a[1] + 1 >= b[0] for a, b in pairwise(spans)):
+        return None
+    # as nft lists an interval set: sorted, each interval as an address, a prefix if it is one, else a range
+    ntop, width = socket.inet_ntop, bits // 8
+    parts: list[str] = []
+    append = parts.append
+    for lo, hi in spans:
+        size = hi - lo + 1
+        first = ntop(family, lo.to_bytes(width, "big"))
+        if size & (size - 1) or lo & (size - 1):
+            append(f"{first}-{ntop(family, hi.to_bytes(width, 'big'))}")
+        elif size == 1:
+            append(first)
+        else:
+            append(f"{first}/{bits + 1 - size.bit_length()}")
+    if family == socket.AF_INET:
+        body = _WRAP.join(", ".join(parts[i:i + 2]) for i in range(0, len(parts), 2))
+    else:
+        body = _WRAP.join(parts)
+    return f"\t\telements = {{ {body} }}\n"
+
+
+def _python_sets(cmds: list[dict[str, Any]], above: int) -> dict[tuple[str, str, str], str]:
+    """(family, table, set) -> its elements as nft lists them, for the plain address sets larger than `above`
+    that format_elements can spell exactly; none at all when some command adds elements on its own."""
+    if any("element" in c.get(op, {}) for c in cmds for op in c):
+        return {}
+    out: dict[tuple[str, str, str], str] = {}
+    for cmd in cmds:
+        spec = cmd.get("add", {}).get("set")
+        if (isinstance(spec, dict) and set(spec) == _SET_KEYS and spec["flags"] == ["interval"]
+                and isinstance(spec["elem"], list) and len(spec["elem"]) > above
+                and isinstance(spec["type"], str)):
+            text = format_elements(spec["elem"], spec["type"])
+            if text is not None:
+                out[spec["family"], spec["table"], spec["name"]] = text
+    return out
+
+
+def _splice(listing: str, family: str, table: str, name: str, elements: str) -> str | None:
+    """`listing` with `elements` put into the (empty) set's block, where nft prints them: last."""
+    start = listing.find(f"table {family} {table} {{\n")
+    if start < 0:
+        return None
+    end_of_table = listing.find("\n}\n", start)
+    head = listing.find(f"\n\tset {name} {{\n", start)
+    if head < 0 or head > end_of_table:
+        return None
+    close = listing.find("\n\t}\n", head + 1)
+    if close < 0 or close > end_of_table or "elements = " in listing[head:close]:
+        return None
+    return listing[:close + 1] + elements + listing[close + 1:]
+
+
+def render(cmds: list[dict[str, Any]], python_above: int = PYTHON_ELEMENTS) -> str:
     """`cmds` in nft's own syntax, as nft itself prints it after loading it into a throwaway network namespace
-    (so what `nsfw rules` shows is exactly what the kernel would hold, and is known to load)."""
+    (so what `nsfw rules` shows is what the kernel would hold, and is known to load). The elements of plain
+    address sets larger than `python_above` are spelt by format_elements instead, as nft would list them
+    (tests/integration/test_compile_kernel.py holds the two equal), and the kernel gets those sets empty."""
+    big = _python_sets(cmds, python_above)
+    if not big:
+        return _kernel_render(cmds)
+    bare = []
+    for cmd in cmds:
+        spec = cmd.get("add", {}).get("set")
+        if isinstance(spec, dict) and (spec.get("family"), spec.get("table"), spec.get("name")) in big:
+            cmd = {"add": {"set": {k: v for k, v in spec.items() if k != "elem"}}}
+        bare.append(cmd)
+    listing: str | None = _kernel_render(bare)
+    for (family, table, name), elements in big.items():
+        listing = _splice(listing, family, table, name, elements) if listing is not None else None
+    return listing if listing is not None else _kernel_render(cmds)
+
+
+def _kernel_render(cmds: list[dict[str, Any]]) -> str:
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child

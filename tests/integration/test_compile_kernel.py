@@ -167,3 +167,95 @@ def test_kernel_sets_hold_exactly_the_profile(tmp_path: Path, seed: int) -> None
     wrong = [(e[:3], e[3]) for e, g in zip(expected, got, strict=True) if e[3] != (g == "1")]
     assert not wrong, f"kernel disagrees with the spec at (address, proto, port), expected: {wrong[:10]}"
     assert 0 < sum(e[3] for e in expected) < len(expected)  # the probes see both sides
+
+
+# ---------------------------------------------------------------------------------------------- large sets in Python
+
+
+def both_ways(cmds: list[dict[str, object]]) -> tuple[str, str]:
+    """render() with every eligible set spelt in Python, and with nothing spelt in Python (all nft's own)."""
+    return nft.render(cmds, python_above=0), nft.render(cmds, python_above=1 << 62)
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=[p.stem for p in PROFILES])
+def test_python_elements_match_nft_on_the_goldens(path: Path) -> None:
+    cmds = nc.sandbox_ruleset(load(path), ENV, GATEWAYS)
+    assert ("inet", "nsfw", "lan4") in nft._python_sets(cmds, 0)  # the Python path is taken, not fallen back from
+    ours, kernels = both_ways(cmds)
+    assert ours == kernels
+
+
+def edge_rules() -> tuple[list[Rule], list[Rule]]:
+    """Singles, prefixes and ranges (neighbours merged) at both ends of each address space, IPv4-mapped IPv6;
+    and a scatter."""
+    edges = ["0.0.0.0/32", "0.0.0.2/31", "0.0.0.4/30", "0.0.0.9/32", "0.0.0.10/31", "0.0.0.12/32",
+             "255.255.255.255/32", "255.255.255.240/29", "255.255.255.128/26", "198.51.100.0/24",
+             "198.51.101.0/25", "203.0.113.7/32", "203.0.113.9/32",
+             "::/128", "::2/127", "::4/126", "::ffff:0:0/96", "::ffff:192.0.2.0/120", "2001:db8::/32",
+             "2001:db9::/33", "2001:db9:8000::1/128", "ff00::/9", "ff80::/10",
+             "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128",
+             "fe80::/64"]
+    texts: list[str] = []
+    rng = random.Random(11)
+    for _ in range(2000):
+        plen = rng.choice([16, 20, 23, 24, 27, 30, 31, 32, 32])
+        base = rng.getrandbits(32) >> (32 - plen) << (32 - plen)
+        texts.append(str(ipaddress.ip_network((base, plen))))
+    for _ in range(300):
+        plen = rng.choice([32, 47, 64, 100, 127, 128])
+        texts.append(str(ipaddress.ip_network((rng.getrandbits(128) >> (128 - plen) << (128 - plen), plen))))
+    return [Rule("cidr", t) for t in edges], [Rule("cidr", t) for t in texts]
+
+
+def test_python_elements_match_nft_on_mixed_sets() -> None:
+    """Thousands of elements, prefixes, ranges (merged neighbours) and singles, at the edges of both families,
+    in the plain sets; the concatenated (port) sets beside them stay nft's."""
+    edges, rules = edge_rules()
+    ported = [Rule("cidr", r.value, "tcp", ((22, 22), (8000, 8100))) for r in rules[::7]]
+    pr = Profile("mixed", "mixed.yaml", allow=(*edges, *rules[::2], *ported), deny=(*edges, *rules[1::2]))
+    cmds = nc.sandbox_ruleset(pr, ENV, GATEWAYS)
+    spelt = nft._python_sets(cmds, 0)
+    assert {("inet", "nsfw", f"{w}addr{v}") for w in ("allow", "deny") for v in (4, 6)} <= set(spelt)
+    sizes = {name: len(next(c["add"]["set"]["elem"] for c in cmds if c.get("add", {}).get("set", {}).get("name")
+                            == name)) for name in ("allowaddr4", "denyaddr4")}
+    assert min(sizes.values()) > 500
+    text = " ".join(spelt.values())
+    assert "-" in text and "/" in text  # ranges and prefixes both
+    ours, kernels = both_ways(cmds)
+    assert ours == kernels
+    assert nft.render(cmds) == kernels  # the default threshold: the large sets in Python, the small ones nft's
+
+
+@pytest.mark.parametrize("elems", [
+    ["0.0.0.0/0"], [{"prefix": {"addr": "0.0.0.0", "len": 0}}], [{"range": ["0.0.0.1", "255.255.255.255"]}],
+    [{"range": ["0.0.0.0", "255.255.255.254"]}], ["255.255.255.255", {"prefix": {"addr": "10.0.0.0", "len": 8}}],
+])
+def test_python_elements_match_nft_on_whole_spaces(elems: list[object]) -> None:
+    cmds: list[dict[str, object]] = [
+        {"add": {"table": {"family": "inet", "name": "t"}}},
+        {"add": {"set": {"family": "inet", "table": "t", "name": "s", "type": "ipv4_addr", "flags": ["interval"],
+                         "elem": [e for e in elems if not isinstance(e, str) or "/" not in e]
+                         or [{"prefix": {"addr": "0.0.0.0", "len": 0}}]}}},
+    ]
+    assert nft._python_sets(cmds, 0)
+    ours, kernels = both_ways(cmds)
+    assert ours == kernels
+
+
+def test_sets_nft_must_list_itself_are_left_to_it() -> None:
+    """Touching or overlapping elements (nft would refuse or join them), a set of the same name in another
+    table, and sets with more than a type and flags: rendered all the same, and as nft lists them."""
+    def addrset(table: str, name: str, elems: list[object], **extra: object) -> dict[str, object]:
+        return {"add": {"set": {"family": "inet", "table": table, "name": name, "type": "ipv4_addr",
+                                "flags": ["interval"], "elem": elems, **extra}}}
+
+    cmds: list[dict[str, object]] = [
+        {"add": {"table": {"family": "inet", "name": "a"}}}, {"add": {"table": {"family": "inet", "name": "b"}}},
+        addrset("a", "s", ["192.0.2.1", {"range": ["192.0.2.5", "192.0.2.9"]}]),
+        addrset("b", "s", [{"prefix": {"addr": "198.51.100.0", "len": 24}}, "203.0.113.1"]),
+        addrset("a", "touching", ["192.0.2.1", "192.0.2.2"], **{"auto-merge": True}),
+        addrset("a", "commented", ["192.0.2.1"], comment="hello"),
+    ]
+    assert set(nft._python_sets(cmds, 0)) == {("inet", "a", "s"), ("inet", "b", "s")}
+    ours, kernels = both_ways(cmds)
+    assert ours == kernels and "198.51.100.0/24" in ours and "192.0.2.5-192.0.2.9" in ours

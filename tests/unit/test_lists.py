@@ -288,3 +288,34 @@ def test_merge_packed_is_merge_addresses() -> None:
                 shift = rng.choice([0, bits - min(bits, 8)])
                 spans.append((min(a, b) << shift, (max(a, b) << shift) | ((1 << shift) - 1)))
             assert merge_packed([lo << bits | hi for lo, hi in spans], bits) == list(merge_addresses(spans))
+
+
+# ---------------------------------------------------------------------------------------------- nsfw rules, large sets
+# (tests/integration/test_compile_kernel.py holds format_elements equal to nft's own listing, through the kernel)
+
+
+def test_format_elements_spells_and_wraps_as_nft() -> None:
+    from nsfw.nft import format_elements
+
+    elems: list[Any] = ["192.0.2.9", {"range": ["10.0.0.1", "10.0.0.6"]}, {"prefix": {"addr": "10.1.0.0", "len": 16}},
+                       "0.0.0.0", {"range": ["192.0.2.0", "192.0.2.3"]}]
+    assert format_elements(elems, "ipv4_addr") == (
+        "\t\telements = { 0.0.0.0, 10.0.0.1-10.0.0.6,\n\t\t\t     10.1.0.0/16, 192.0.2.0/30,\n"
+        "\t\t\t     192.0.2.9 }\n")
+    assert format_elements(["::ffff:c000:201", {"prefix": {"addr": "2001:db8::", "len": 32}}], "ipv6_addr") == (
+        "\t\telements = { ::ffff:192.0.2.1,\n\t\t\t     2001:db8::/32 }\n")
+
+
+@pytest.mark.parametrize(("elems", "type_name"), [
+    (["192.0.2.1", "192.0.2.2"], "ipv4_addr"),  # touching: the kernel's business
+    (["192.0.2.1", {"prefix": {"addr": "192.0.2.0", "len": 24}}], "ipv4_addr"),  # overlapping
+    ([{"prefix": {"addr": "192.0.2.1", "len": 24}}], "ipv4_addr"),  # host bits
+    ([{"range": ["192.0.2.9", "192.0.2.1"]}], "ipv4_addr"),
+    ([{"prefix": {"addr": "192.0.2.0", "len": 33}}], "ipv4_addr"),
+    (["2001:db8::1"], "ipv4_addr"), (["192.0.2.1"], "ipv6_addr"), (["192.0.2.1"], "inet_service"),
+    ([{"concat": ["192.0.2.1", "tcp"]}], "ipv4_addr"), ([5], "ipv4_addr"), ([], "ipv4_addr"),
+])
+def test_format_elements_leaves_the_rest_to_nft(elems: list[Any], type_name: str) -> None:
+    from nsfw.nft import format_elements
+
+    assert format_elements(elems, type_name) is None
