@@ -8,6 +8,7 @@ per name; these tests check that representation against ipaddress, line by line 
 from __future__ import annotations
 
 import ipaddress
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 
 from nsfw import compile as nc
 from nsfw import profile
+from nsfw.cli import json_text
 from nsfw.errors import ProfileError, ProfileErrors
 from nsfw.intervals import merge_addresses, merge_packed
 from nsfw.profile import Listed, Profile, Rule
@@ -319,3 +321,34 @@ def test_format_elements_leaves_the_rest_to_nft(elems: list[Any], type_name: str
     from nsfw.nft import format_elements
 
     assert format_elements(elems, type_name) is None
+
+
+# ---------------------------------------------------------------------------------------------- nsfw rules --json
+
+
+GOLDEN_PROFILES = sorted((Path(__file__).resolve().parent.parent / "golden" / "profiles").glob("*.yaml"))
+
+
+def reference_json(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=1, sort_keys=True)
+
+
+@pytest.mark.parametrize("path", GOLDEN_PROFILES, ids=[p.stem for p in GOLDEN_PROFILES])
+def test_json_text_is_json_dumps_on_the_goldens(path: Path) -> None:
+    data = nc.wrap(nc.sandbox_ruleset(profile.load(str(path), [path.parent]), gateways=["10.213.0.1", "fd00::1"]))
+    assert json_text(data, above=0) == json_text(data) == reference_json(data)
+
+
+def test_json_text_is_json_dumps_on_a_large_list(tmp_path: Path) -> None:
+    p = load(tmp_path, "\n".join(random_entries(random.Random(8), 5000)) + "\n")
+    data = nc.wrap(nc.sandbox_ruleset(p))
+    assert json_text(data, above=0) == json_text(data) == reference_json(data)
+
+
+def test_json_text_escapes_and_falls_back_like_json_dumps() -> None:
+    odd: list[Any] = ['a"b\\c', "\u00e9\u2028\x00", {"prefix": {"addr": "\u00e9", "len": 7}}, {"range": ["\n", "x"]}]
+    other: list[Any] = [{"concat": ["192.0.2.1", "tcp", 22]}, {"prefix": {"addr": "x", "len": True}}, 5]
+    for elems in (odd, odd + other[:1], odd + other[1:2], odd + other[2:]):
+        data = {"nftables": [{"add": {"set": {"name": "s", "elem": elems, "zz": [1, {"b": 2, "a": None}]}}},
+                             {"add": {"set": {"name": "\0nsfw elements 0", "elem": list(elems)}}}]}
+        assert json_text(data, above=0) == reference_json(data)
