@@ -169,6 +169,30 @@ def test_deny_wins_over_allow(world: Any, profile_dir: Path) -> None:
     assert not reached(world, p, "tcp", "10.77.0.10", 80)  # allowed by cidr, denied by zone: deny wins
 
 
+def test_file_lists_block_and_open_as_their_lines_say(world: Any, profile_dir: Path) -> None:
+    """A blocklist of thousands of lines (overlapping, adjacent, repeated, IPv6, a comment, a name), and an
+    allow list with ports: the kernel holds what each line says, and nothing more."""
+    scatter = [f"100.{64 + i // 250 % 64}.{i % 250}.0/24" for i in range(3000)]  # lan space, far from the probes
+    block = [*scatter, "192.0.2.10", "192.0.2.8/31", "192.0.2.12/30", "192.0.2.10/32  # again",
+             "198.51.100.0/25", "2001:db8::10/128", "ads.example.com"]
+    (profile_dir / "block.txt").write_text("# a blocklist\n" + "\n".join(block) + "\n")
+    (profile_dir / "open.txt").write_text("203.0.113.0/24\n")
+    for name in ("block.txt", "open.txt"):
+        (profile_dir / name).chmod(0o644)
+    p = write_profile(profile_dir, "listed", """\
+        allow:
+          - internet
+          - {file: open.txt, ports: [22], proto: tcp}
+        deny:
+          - {file: block.txt}
+        """)
+    assert not reached(world, p, "tcp", "192.0.2.10", 80)  # the end of 192.0.2.8-10, merged from two lines
+    assert reached(world, p, "tcp", "192.0.2.11", 80)  # the one address between it and 192.0.2.12/30
+    assert not reached(world, p, "tcp", "198.51.100.20", 443)
+    assert not reached(world, p, "tcp", "2001:db8::10", 80)
+    assert reached(world, p, "tcp", "203.0.113.30", 443)  # the internet zone allows it anyway
+
+
 def test_default_allow_keeps_denies_and_host_closed(world: Any, profile_dir: Path) -> None:
     p = write_profile(profile_dir, "open", "default: allow\ndeny: [lan]\n")
     assert reached(world, p, "tcp", "203.0.113.30", 22)
