@@ -17,6 +17,7 @@ import bisect
 import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
+from itertools import pairwise
 from typing import Any
 
 from .intervals import Box, Cell, Span, disjoint, disjoint_cells, merge_addresses, merge_packed
@@ -230,8 +231,10 @@ def _addr_set(name: str, version: int, nets: Iterable[ipaddress.IPv4Network | ip
     return _span_set(name, version, [_span(n) for n in nets if n.version == version])
 
 
-def _span_set(name: str, version: int, spans_in: Iterable[Span], merged: bool = False) -> Cmd:
-    spans = spans_in if merged else merge_addresses(spans_in)
+def _span_set(name: str, version: int, spans_in: Iterable[Span]) -> Cmd:
+    spans = list(spans_in)
+    if any(a[1] + 1 >= b[0] for a, b in pairwise(spans)):  # cidr_whole's come merged: a blocklist's, once
+        spans = list(merge_addresses(spans))
     spec: dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": name,
                             "type": "ipv4_addr" if version == 4 else "ipv6_addr", "flags": ["interval"]}
     elems = _addr_elems(spans, version)
@@ -323,8 +326,8 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
         cmds.append(_addr_set(f"host{v}", v, host_nets))
         cmds.append(_addr_set(f"lan{v}", v, lan_nets))
         cmds.append(_addr_set(f"other{v}", v, _networks(OTHER4 if v == 4 else OTHER6)))
-        cmds.append(_span_set(f"denyaddr{v}", v, parts["deny", v][0], merged=True))
-        cmds.append(_span_set(f"allowaddr{v}", v, parts["allow", v][0], merged=True))
+        cmds.append(_span_set(f"denyaddr{v}", v, parts["deny", v][0]))
+        cmds.append(_span_set(f"allowaddr{v}", v, parts["allow", v][0]))
         cmds.append(_concat_set(f"deny{v}", v, parts["deny", v][1]))
         cmds.append(_concat_set(f"allow{v}", v, parts["allow", v][1]))
         for i in range(len(name_groups(profile))):
