@@ -158,11 +158,12 @@ def cidr_boxes(rules: Iterable[Rule], version: int, whole: Sequence[Span] | None
     for rule in rules:
         if rule.ports or rule.proto != "any":
             cells = rule_cells(rule, version)
-            for lo, hi in _rule_spans(rule, version):
-                i = bisect.bisect_right(starts, lo) - 1
-                if i >= 0 and whole[i][1] >= hi:
+            for span in _rule_spans(rule, version):
+                i = bisect.bisect_right(starts, span[0]) - 1
+                if i >= 0 and whole[i][1] >= span[1]:
                     continue
-                out += [((lo, hi), cell) for cell in cells]
+                for cell in cells:
+                    out.append((span, cell))
     return out
 
 
@@ -212,8 +213,10 @@ def denied_names(profile: Profile) -> bool:
 
 
 def _concat_set(name: str, version: int, boxes: Sequence[Box]) -> Cmd:
-    elems = [{"concat": [_addr_elem(span, version), _proto_elem(proto), _port_elem(port)]}
-             for span, (proto, port) in disjoint(boxes)]
+    boxes = disjoint(boxes)
+    addrs = _addr_elems([span for span, _cell in boxes], version)
+    elems = [{"concat": [addr, _proto_elem(proto), _port_elem(port)]}
+             for addr, (_span, (proto, port)) in zip(addrs, boxes, strict=True)]
     spec: dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": name,
                             "type": ["ipv4_addr" if version == 4 else "ipv6_addr", "inet_proto", "inet_service"],
                             "flags": ["interval"]}

@@ -11,6 +11,7 @@ import random
 
 import pytest
 
+from nsfw import intervals
 from nsfw.intervals import Box, Cell, Span, disjoint, disjoint_cells, merge_addresses, span_to_prefixes
 
 ADDR, PROTO, PORT = 64, 3, 8  # universe sizes
@@ -94,6 +95,24 @@ def test_same_cell_overlapping_and_adjacent_spans_merge_to_the_fewest_boxes() ->
         cell = (rand_span(rng, PROTO), rand_span(rng, PORT))
         spans = [rand_span(rng, ADDR) for _ in range(rng.randrange(1, 8))]
         assert disjoint([(s, cell) for s in spans]) == [(s, cell) for s in merge_addresses(spans)]
+
+
+def test_the_shortcut_for_lists_gives_the_sweeps_answer() -> None:
+    """disjoint() skips the sweep when every cell covers the same addresses (one list with its ports): the
+    answer must be the sweep's, box for box, and the shortcut must really be taken for such input."""
+    rng = random.Random(12)
+    taken = 0
+    for _ in range(400):
+        spans = [rand_span(rng, ADDR) for _ in range(rng.randrange(1, 8))]
+        cells = list({(rand_span(rng, PROTO), rand_span(rng, PORT)) for _ in range(rng.randrange(1, 4))})
+        boxes = [(s, c) for s in spans for c in cells]
+        rng.shuffle(boxes)
+        if rng.random() < 0.3:  # and sometimes not quite alike: the sweep's case
+            boxes.append(rand_box(rng))
+        by_cell = {c: intervals.merge_addresses(s for s, cc in boxes if cc == c) for _s, c in boxes}
+        taken += len(set(by_cell.values())) == 1
+        assert disjoint(boxes) == intervals._sweep(boxes)
+    assert taken > 250
 
 
 def test_adjacent_boxes_merge_across_a_touching_edge() -> None:
