@@ -83,7 +83,9 @@ def _verdict(v: str, target: str | None = None) -> dict[str, Any]:
 def _addr(value: int, version: int) -> str:
     if version == 4:
         return socket.inet_ntop(socket.AF_INET, value.to_bytes(4, "big"))
-    return str(ipaddress.IPv6Address(value))  # ipaddress's spelling of IPv6, as elsewhere in the output
+    if value >> 32 in (0, 0xFFFF):  # where inet_ntop writes the last 32 bits dotted and ipaddress does not
+        return str(ipaddress.IPv6Address(value))  # ipaddress's spelling of IPv6, as elsewhere in the output
+    return socket.inet_ntop(socket.AF_INET6, value.to_bytes(16, "big"))  # the same spelling elsewhere, 10x quicker
 
 
 def _addr_elem(span: Span, version: int) -> Any:

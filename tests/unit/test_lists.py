@@ -352,3 +352,15 @@ def test_json_text_escapes_and_falls_back_like_json_dumps() -> None:
         data = {"nftables": [{"add": {"set": {"name": "s", "elem": elems, "zz": [1, {"b": 2, "a": None}]}}},
                              {"add": {"set": {"name": "\0nsfw elements 0", "elem": list(elems)}}}]}
         assert json_text(data, above=0) == reference_json(data)
+
+
+def test_ipv6_addresses_are_spelt_as_ipaddress_does() -> None:
+    """compile spells IPv6 with inet_ntop where that agrees with ipaddress (the spelling of the goldens)."""
+    rng = random.Random(6)
+    values = [0, 1, (1 << 128) - 1, 0xFFFF << 32, (0xFFFF << 32) | 0xC0000201, 0xC0000201, 1 << 32, 0x10000]
+    for _ in range(20000):
+        words = [rng.choice([0, 0, 0, 1, 0xFFFF, rng.getrandbits(16)]) for _ in range(8)]
+        values.append(int.from_bytes(b"".join(w.to_bytes(2, "big") for w in words), "big"))
+        values.append(rng.getrandbits(rng.choice([16, 32, 33, 48, 64, 128])))
+    for v in values:
+        assert nc._addr(v, 6) == str(ipaddress.IPv6Address(v)), hex(v)
