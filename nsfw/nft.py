@@ -134,7 +134,7 @@ def format_elements(elems: list[Any], type_name: str) -> str | None:
 def _python_sets(cmds: list[dict[str, Any]], above: int) -> dict[tuple[str, str, str], str]:
     """(family, table, set) -> its elements as nft lists them, for the plain address sets larger than `above`
     that format_elements can spell exactly; none at all when some command adds elements on its own."""
-    if any("element" in c.get(op, {}) for c in cmds for op in c):
+    if any(isinstance(obj, dict) and "element" in obj for c in cmds for obj in c.values()):
         return {}
     out: dict[tuple[str, str, str], str] = {}
     for cmd in cmds:

@@ -259,3 +259,7 @@ def test_sets_nft_must_list_itself_are_left_to_it() -> None:
     assert set(nft._python_sets(cmds, 0)) == {("inet", "a", "s"), ("inet", "b", "s")}
     ours, kernels = both_ways(cmds)
     assert ours == kernels and "198.51.100.0/24" in ours and "192.0.2.5-192.0.2.9" in ours
+    # an element added on its own goes into a set that may already have some: nft's business, whole
+    more = [*cmds, {"add": {"element": {"family": "inet", "table": "b", "name": "s", "elem": ["203.0.113.9"]}}}]
+    assert nft._python_sets(more, 0) == {}
+    assert nft.render(more, python_above=0) == nft.render(more, python_above=1 << 62)
