@@ -2,21 +2,27 @@
 
 One thread runs one selector loop over the UDP and TCP listening sockets, the TCP clients and the upstream
 questions in flight. Each turn of the loop reads what is ready (at most `udp_burst` datagrams per socket),
-decides every query, then flushes the turn's answers as one batch: first those that hand out no address,
-then one `grant` call for all the addresses the others hand out, then those, then the log lines. Batching
-is what keeps a slow `grant` (an IPC round trip to the supervisor and a netlink transaction) from capping the
-query rate: under load the batches grow instead of the queue. No answer that hands out an address leaves
-before `grant` has returned; when it raises, those answers become SERVFAIL (fail closed: never hand out an
-address the kernel would refuse). Hot paths are memoized: a packet seen before (but for its id) skips
-parsing and policy, and a cached answer keeps its last rewritten reply and grants for the second they hold.
+decides every query, then flushes the turn's answers as one batch: first those that hand out no address
+or only addresses already granted long enough, then one `grant` call for all the addresses the others hand
+out (each once), then those, then the log lines. Batching is what keeps a slow `grant` (an IPC round trip to
+the keeper's granter and a netlink transaction) from capping the query rate: under load the batches grow
+instead of the queue. No answer that hands out an address leaves before `grant` has returned for it, in
+this turn or an earlier one; when it raises, those answers become SERVFAIL (fail closed: never hand out an
+address the kernel would refuse). The resolver remembers until when each (set, address) the granter
+confirmed lives (at least `timeout`, or `Limits.min_grant` if longer, from before the call), and asks again
+only when an answer needs it to live longer than that, less a second: the granter's own test, so a cached
+answer mostly costs no round trip at all. Hot paths are memoized: a packet seen before (but for its id)
+skips parsing and policy, and a cached answer keeps its last rewritten reply and grants for the second
+they hold.
 
 Per query: the policy decides by name (any type). "refuse" and "deny" answer NXDOMAIN at once without asking
 upstream (with `learn_denied`, a denied name is still resolved, in the background of the loop, and its
 addresses granted to the set named "deny"). "allow" and "unlisted" are answered from the cache or upstream;
 a CNAME chain that passes through a denied name makes the whole answer NXDOMAIN. For "allow", every A/AAAA of
 the chain goes to each of the decision's sets with timeout = max(remaining TTL, 1) + 5 seconds, also when
-served from the cache, except the addresses `never_grant` refuses (DNS rebinding: the answer still goes out,
-the kernel blocks them). Identical questions in flight share one upstream question.
+served from the cache (unless already granted as long, as above), except the addresses `never_grant` refuses
+(DNS rebinding: the answer still goes out, the kernel blocks them). Identical questions in flight share one
+upstream question.
 
 Bounds, so that a flood or garbage costs at most CPU: the kernel's socket buffers are the only queue; at most
 `max_inflight` upstream questions and `max_waiters` clients per question (the excess is dropped, as an
@@ -94,6 +100,7 @@ class Limits(NamedTuple):
     tcp_outbuf: int = 256 * 1024
     log_max_bytes: int = 10 << 20
     grant_batch: int = 512  # grants per call at most (unless one answer alone has more): ~30 KB as JSON
+    min_grant: int = 0  # the granter's floor on every timeout (dns.MIN_GRANT): what a grant it confirmed lasts
 
 
 # ---------------------------------------------------------------------------------------------- the resolver
@@ -159,6 +166,9 @@ class _Resolver:
         self.pending: dict[tuple[str, int, int], _Pending] = {}
         self.parsed: dict[bytes, tuple[Query, Decision]] = {}
         self.timers: list[Timer] = []
+        # (set, address) -> until when (monotonic) the granter has confirmed the element lives, at least
+        self.confirmed: dict[tuple[str, str], float] = {}
+        self.confirmed_limit = 4096
         self.clients: dict[_TcpClient, None] = {}
         self.out: list[_Out] = []
         self.now = time.monotonic()
@@ -222,6 +232,9 @@ class _Resolver:
         if len(self.timers) > 4 * len(self.pending) + 1024:  # mostly cancelled: drop those now
             self.timers[:] = [t for t in self.timers if t.exchange is not None]
             heapq.heapify(self.timers)
+        if len(self.confirmed) > self.confirmed_limit:  # amortized: a pass only once the map has doubled
+            self.confirmed = {k: until for k, until in self.confirmed.items() if until > now}
+            self.confirmed_limit = max(4096, 2 * len(self.confirmed))
 
     def _shutdown(self) -> None:
         for p in list(self.pending.values()):
@@ -335,31 +348,30 @@ class _Resolver:
 
     def flush(self) -> None:
         """Send the turn's answers: at once those that hand out no address (NXDOMAIN for a denied name too,
-        whatever learning it grants); then grant every address the others hand out, in one call, and send
-        those; then log them all."""
+        whatever learning it grants) or only addresses the granter has confirmed lately enough; then grant
+        every address the others hand out, each (set, address) once, in as few calls as `grant_batch` allows,
+        and send those; then log them all."""
         out, self.out = self.out, []
         if not out:
             return
         held: list[tuple[_UdpDest | _TcpClient, _Out]] = []
+        asking: list[_Out] = []
         for o in out:
+            if o.grants:
+                o.grants = self._ungranted(o.grants)
+                if o.grants:
+                    asking.append(o)
             if o.dest is None:
                 continue  # learn-only: grants, nothing to send
             if o.grants and o.verdict != "deny":
                 held.append((o.dest, o))
             else:
                 o.dest.send(o.reply)
-        for chunk in _chunks([o for o in out if o.grants], self.limits.grant_batch):
-            try:
-                self.grant(_merge([g for o in chunk for g in o.grants]))
-            except Exception:
-                if len(chunk) == 1:
-                    chunk[0].failed = True
-                else:  # find out whose grants fail, so that one bad member does not fail the whole chunk
-                    for o in chunk:
-                        try:
-                            self.grant(o.grants)
-                        except Exception:
-                            o.failed = True
+        if asking:
+            failed = self._grant_all(_merge([g for o in asking for g in o.grants]))
+            if failed:
+                for o in asking:
+                    o.failed = any((g.set_name, g.address) in failed for g in o.grants)
         for dest, o in held:
             if o.failed:  # fail closed: never hand out an address the kernel would not let through
                 o.reply = error_reply(o.query, SERVFAIL)
@@ -370,19 +382,46 @@ class _Resolver:
             wall = time.time()
             self.log.write([o.log_line(wall) for o in out if o.dest is not None])
 
+    def _ungranted(self, grants: list[Grant]) -> list[Grant]:
+        """The grants the kernel may not hold as long as asked: all but those the granter confirmed lately
+        enough, by the granter's own test (same floor, same second of slack). A cached answer's grants are
+        mostly held already, and skipping them keeps it free of a round trip to the granter."""
+        confirmed = self.confirmed
+        floor = self.limits.min_grant
+        soon = self.now - 1
+        return [g for g in grants
+                if confirmed.get((g.set_name, g.address), 0.0) < soon + (g.timeout if g.timeout > floor else floor)]
 
-def _chunks(items: list[_Out], most: int) -> list[list[_Out]]:
-    """`items` in order, in runs of at most `most` grants (an item alone may have more): what one grant call
-    carries stays within what the supervisor reads in one message."""
-    chunks: list[list[_Out]] = []
-    size = most
-    for o in items:
-        if size + len(o.grants) > most:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(o)
-        size += len(o.grants)
-    return chunks
+    def _grant_all(self, grants: list[Grant]) -> set[tuple[str, str]]:
+        """Grant them all, `grant_batch` at a time (what one call carries stays within what the granter reads
+        in one message); the (set, address) pairs whose grant failed. A failing call is split in halves until
+        the failures are single grants, so that one bad grant fails only the answers that carry it."""
+        failed: set[tuple[str, str]] = set()
+        most = max(1, self.limits.grant_batch)
+        todo = [grants[i:i + most] for i in range(0, len(grants), most)][::-1]  # a stack, in order
+        while todo:
+            chunk = todo.pop()
+            try:
+                self.grant(chunk)
+            except Exception:
+                if len(chunk) == 1:
+                    failed.add((chunk[0].set_name, chunk[0].address))
+                else:
+                    todo += [chunk[len(chunk) // 2:], chunk[:len(chunk) // 2]]
+                continue
+            self._confirmed(chunk)
+        return failed
+
+    def _confirmed(self, grants: Sequence[Grant]) -> None:
+        # counted from the start of the turn, before the granter added them: never later than the kernel does
+        confirmed = self.confirmed
+        floor = self.limits.min_grant
+        now = self.now
+        for g in grants:
+            key = (g.set_name, g.address)
+            until = now + (g.timeout if g.timeout > floor else floor)
+            if confirmed.get(key, 0.0) < until:
+                confirmed[key] = until
 
 
 def _merge(grants: list[Grant]) -> list[Grant]:
