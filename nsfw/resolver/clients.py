@@ -180,10 +180,17 @@ class _TcpClient:
         self.server.clients.pop(self, None)
 
 
+LONE_TURNS = 16  # turns a listener takes queries one at a time before it looks again whether they still are
+
+
 class _UdpListener:
     def __init__(self, server: _Resolver, sock: socket.socket) -> None:
         self.server = server
         self.sock = sock
+        # Queries that come one at a time (a stub waiting for each answer) are read one a turn: the read that
+        # would only find the socket empty is skipped, and the turn is over that much sooner for the next
+        # query. Every LONE_TURNS turns the socket is drained again, to see whether they still come alone.
+        self.lone = 0
 
     def on_event(self, _mask: int, now: float) -> None:
         # The hot path: a packet answered before (but for its id), and still answered the same, is answered
@@ -193,11 +200,12 @@ class _UdpListener:
         handle = server.handle
         fast = server.fast
         fast_log = server.fast_log
-        for _ in range(server.limits.udp_burst):
+        read = 0
+        for read in range(server.limits.udp_burst):  # noqa: B007 - counted
             try:
                 data, addr = sock.recvfrom(4096)  # larger than any real query; a longer datagram is garbage
             except OSError:  # BlockingIOError (drained) and InterruptedError included
-                return
+                break
             key = data[2:]
             hit = fast.get(key)
             if hit is not None and hit[1] > now:
@@ -206,8 +214,14 @@ class _UdpListener:
                 except OSError:
                     pass  # as _UdpDest.send
                 fast_log.append(hit[2])
+                if self.lone > 1:
+                    self.lone -= 1
+                    return  # the level-triggered poll says so if another query came meanwhile
                 continue
             handle(data, _UdpDest(sock, addr, key if len(data) <= 512 else None))
+        else:
+            read += 1
+        self.lone = LONE_TURNS if read == 1 else 0  # drained after one query: they come one at a time
 
 
 class _TcpListener:

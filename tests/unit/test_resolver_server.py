@@ -812,3 +812,32 @@ def test_confirmed_grants_are_forgotten_once_expired() -> None:
     r.confirmed[("s", "192.0.2.1")] = r.now + 30
     r._sweep(r.now)
     assert r.confirmed == {("s", "192.0.2.1"): r.now + 30}
+
+
+def test_a_burst_after_lone_queries_is_answered_whole(make: Callable[..., Resolver]) -> None:
+    r = make()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(3)
+        s.connect((LOOP, r.port))
+        for i in range(40):  # one at a time, from the cache after the first: read one a turn
+            s.send(query("allowed.test", qid=i))
+            assert dnsmsg.parse_response(s.recv(4096)).id == i
+        for i in range(100, 150):  # then all at once: every one answered, none left waiting in the socket
+            s.send(query("allowed.test", qid=i))
+        ids = {dnsmsg.parse_response(s.recv(4096)).id for _ in range(50)}
+    assert ids == set(range(100, 150))
+
+
+def test_memoized_answers_are_logged_and_keep_the_ttl_counting(make: Callable[..., Resolver],
+                                                               tmp_path: Path) -> None:
+    path = tmp_path / "queries.log"
+    with open(path, "ab") as log:
+        r = make(log=log)
+        first = [ask(r.port, "allowed.test") for _ in range(5)]
+        time.sleep(1.1)
+        later = ask(r.port, "allowed.test")
+        r.close()
+    assert {resp.answers[0].ttl for resp in first} == {30} and later.answers[0].ttl in (28, 29)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [x["cached"] for x in lines] == [False, True, True, True, True, True]
+    assert all(x["answers"] == ["192.0.2.10"] and x["verdict"] == "allow" for x in lines)
