@@ -1,7 +1,7 @@
 """The sandbox's policy resolver: answer DNS on already-bound sockets, granting addresses before they leave.
 
-One thread runs one selector loop over the UDP and TCP listening sockets, the TCP clients and the upstream
-questions in flight. Each turn of the loop reads what is ready (at most `udp_burst` datagrams per socket),
+One thread runs one epoll loop (`poller`) over the UDP and TCP listening sockets, the TCP clients and the
+upstream questions in flight. Each turn of the loop reads what is ready (at most `udp_burst` datagrams per socket),
 decides every query, then flushes the turn's answers as one batch: first those that hand out no address
 or only addresses already granted long enough, then one `grant` call for all the addresses the others hand
 out (each once), then those, then the log lines. Batching is what keeps a slow `grant` (an IPC round trip to
@@ -11,9 +11,12 @@ this turn or an earlier one; when it raises, those answers become SERVFAIL (fail
 address the kernel would refuse). The resolver remembers until when each (set, address) the granter
 confirmed lives (at least `timeout`, or `Limits.min_grant` if longer, from before the call), and asks again
 only when an answer needs it to live longer than that, less a second: the granter's own test, so a cached
-answer mostly costs no round trip at all. Hot paths are memoized: a packet seen before (but for its id)
-skips parsing and policy, and a cached answer keeps its last rewritten reply and grants for the second
-they hold.
+answer mostly costs no round trip at all. Hot paths are memoized: a UDP packet answered before (but for
+its id) is answered again by the listener as it is read, with the same reply, for as long as that reply
+holds (to the next second of the cache entry's age, while its grants hold, forever for a name the policy
+refuses; never while a denied name is being learned) and logged as any answer; a packet seen before skips
+parsing and policy; a cached answer keeps its last rewritten reply and grants for the second they hold.
+Queries that come one at a time are read one a turn (`clients.LONE_TURNS`), so the turn ends sooner.
 
 Per query: the policy decides by name (any type). "refuse" and "deny" answer NXDOMAIN at once without asking
 upstream (with `learn_denied`, a denied name is still resolved, in the background of the loop, and its
