@@ -237,8 +237,10 @@ class _Resolver:
                         run_timers(timers, now)
                     except Exception as e:
                         self._error(e)
-                if self.out or self.fast_log:
+                if self.out:
                     self.flush()
+                elif self.fast_log:  # memoized answers only: they went out already, the log lines are left
+                    self._log_fast()
                 if now >= sweep:
                     sweep = now + 1.0
                     self._sweep(now)
@@ -389,7 +391,7 @@ class _Resolver:
         out, self.out = self.out, []
         if not out:
             if self.fast_log:
-                self._log(out)
+                self._log_fast()
             return
         held: list[tuple[_UdpDest | _TcpClient, _Out]] = []
         asking: list[tuple[_Out, list[Grant]]] = []
@@ -439,6 +441,12 @@ class _Resolver:
                 if len(fast) >= _PARSED_MEMO:
                     fast.clear()
                 fast[dest.key] = (o.reply[2:], until, o.log_tail(o.again_cached).encode())
+
+    def _log_fast(self) -> None:
+        tails, self.fast_log = self.fast_log, []
+        if self.log.f is not None:
+            head = b'{"time": %.6f, ' % time.time()
+            self.log.write(head + tails[0] if len(tails) == 1 else head.join([b"", *tails]))
 
     def _log(self, out: list[_Out]) -> None:
         tails, self.fast_log = self.fast_log, []
