@@ -322,10 +322,10 @@ def start(inst: Instance, netns_path: str, profile: Profile, host_addresses: Seq
             signal.pthread_sigmask(signal.SIG_SETMASK, set())
             os.write(ready_w, b"1")
             os.close(ready_w)
-            from .resolver.server import serve
+            from .resolver.server import Limits, serve
 
             serve(udp, tcp, policy=policy, upstreams=upstreams, grant=_remote_grant(theirs), log=log,
-                  learn_denied=open_names, never_grant=never)
+                  learn_denied=open_names, never_grant=never, limits=Limits(min_grant=MIN_GRANT))
             code = 0
         except BaseException:
             code = 1

@@ -3,7 +3,7 @@
 Bounded at `Limits.log_max_bytes` (10 MB): past it the file is cut down to its newest half (whole lines) when
 it is a readable regular file; truncated to empty with a note line when it cannot be read; and when it cannot
 be truncated either (a pipe), logging stops after a note line. A full disk or a closed pipe stops logging,
-never DNS. (The lines themselves are made by `server._Out.log_line`.)
+never DNS. (The lines themselves are made by `server._Out.log_tail`, after a shared time.)
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ class _QueryLog:
             except (OSError, ValueError):
                 pass
 
-    def write(self, lines: list[str]) -> None:
-        if self.f is None or not lines:
+    def write(self, data: bytes) -> None:
+        """Whole lines, at once."""
+        if self.f is None or not data:
             return
-        data = "".join(lines).encode()
         try:
             self.f.write(data)
             self.f.flush()

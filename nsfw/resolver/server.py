@@ -1,22 +1,31 @@
 """The sandbox's policy resolver: answer DNS on already-bound sockets, granting addresses before they leave.
 
-One thread runs one selector loop over the UDP and TCP listening sockets, the TCP clients and the upstream
-questions in flight. Each turn of the loop reads what is ready (at most `udp_burst` datagrams per socket),
-decides every query, then flushes the turn's answers as one batch: first those that hand out no address,
-then one `grant` call for all the addresses the others hand out, then those, then the log lines. Batching
-is what keeps a slow `grant` (an IPC round trip to the supervisor and a netlink transaction) from capping the
-query rate: under load the batches grow instead of the queue. No answer that hands out an address leaves
-before `grant` has returned; when it raises, those answers become SERVFAIL (fail closed: never hand out an
-address the kernel would refuse). Hot paths are memoized: a packet seen before (but for its id) skips
-parsing and policy, and a cached answer keeps its last rewritten reply and grants for the second they hold.
+One thread runs one epoll loop (`poller`) over the UDP and TCP listening sockets, the TCP clients and the
+upstream questions in flight. Each turn of the loop reads what is ready (at most `udp_burst` datagrams per socket),
+decides every query, then flushes the turn's answers as one batch: first those that hand out no address
+or only addresses already granted long enough, then one `grant` call for all the addresses the others hand
+out (each once), then those, then the log lines. Batching is what keeps a slow `grant` (an IPC round trip to
+the keeper's granter and a netlink transaction) from capping the query rate: under load the batches grow
+instead of the queue. No answer that hands out an address leaves before `grant` has returned for it, in
+this turn or an earlier one; when it raises, those answers become SERVFAIL (fail closed: never hand out an
+address the kernel would refuse). The resolver remembers until when each (set, address) the granter
+confirmed lives (at least `timeout`, or `Limits.min_grant` if longer, from before the call), and asks again
+only when an answer needs it to live longer than that, less a second: the granter's own test, so a cached
+answer mostly costs no round trip at all. Hot paths are memoized: a UDP packet answered before (but for
+its id) is answered again by the listener as it is read, with the same reply, for as long as that reply
+holds (to the next second of the cache entry's age, while its grants hold, forever for a name the policy
+refuses; never while a denied name is being learned) and logged as any answer; a packet seen before skips
+parsing and policy; a cached answer keeps its last rewritten reply and grants for the second they hold.
+Queries that come one at a time are read one a turn (`clients.LONE_TURNS`), so the turn ends sooner.
 
 Per query: the policy decides by name (any type). "refuse" and "deny" answer NXDOMAIN at once without asking
 upstream (with `learn_denied`, a denied name is still resolved, in the background of the loop, and its
 addresses granted to the set named "deny"). "allow" and "unlisted" are answered from the cache or upstream;
 a CNAME chain that passes through a denied name makes the whole answer NXDOMAIN. For "allow", every A/AAAA of
 the chain goes to each of the decision's sets with timeout = max(remaining TTL, 1) + 5 seconds, also when
-served from the cache, except the addresses `never_grant` refuses (DNS rebinding: the answer still goes out,
-the kernel blocks them). Identical questions in flight share one upstream question.
+served from the cache (unless already granted as long, as above), except the addresses `never_grant` refuses
+(DNS rebinding: the answer still goes out, the kernel blocks them). Identical questions in flight share one
+upstream question.
 
 Bounds, so that a flood or garbage costs at most CPU: the kernel's socket buffers are the only queue; at most
 `max_inflight` upstream questions and `max_waiters` clients per question (the excess is dropped, as an
@@ -38,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import heapq
-import selectors
 import socket
 import sys
 import time
@@ -65,6 +73,7 @@ from .dnsmsg import (
     type_name,
 )
 from .policy import Decision, Policy
+from .poller import NOT_IN, NOT_OUT, READ, WRITE, Poller
 from .querylog import _json_str, _QueryLog
 from .upstream import TIMEOUT, Exchange, Timer, run_timers
 from .upstream import upstreams as socket_addresses
@@ -94,15 +103,19 @@ class Limits(NamedTuple):
     tcp_outbuf: int = 256 * 1024
     log_max_bytes: int = 10 << 20
     grant_batch: int = 512  # grants per call at most (unless one answer alone has more): ~30 KB as JSON
+    min_grant: int = 0  # the granter's floor on every timeout (dns.MIN_GRANT): what a grant it confirmed lasts
 
 
 # ---------------------------------------------------------------------------------------------- the resolver
 
 
 class _Out:
-    """One answer of the turn's batch. dest None: a learn-only item (grants, no reply, no log)."""
+    """One answer of the turn's batch. dest None: a learn-only item (grants, no reply, no log). `until`: how
+    long the same reply (but for the id) answers the same packet, as far as the cache and policy go (0: not
+    at all); `again_cached`: what the log says of "cached" then."""
 
-    __slots__ = ("answers", "cached", "chain", "dest", "failed", "grants", "query", "rcode", "reply", "verdict")
+    __slots__ = ("again_cached", "answers", "cached", "chain", "dest", "failed", "grants", "query", "rcode", "reply",
+                 "until", "verdict")
 
     def __init__(self, dest: _UdpDest | _TcpClient | None, query: Query, reply: bytes, grants: list[Grant],
                  verdict: str, rcode: int, answers: Sequence[str] = (), cached: bool = False,
@@ -117,14 +130,17 @@ class _Out:
         self.cached = cached
         self.chain = chain
         self.failed = False
+        self.until = 0.0
+        self.again_cached = False
 
-    def log_line(self, when: float) -> str:
+    def log_tail(self, cached: bool) -> str:
+        """The log line but for its start, `{"time": ...`: what a memoized answer logs again as it is."""
         q = self.query
         answers = ", ".join(_json_str(a) for a in self.answers)
         chain = f', "chain": [{", ".join(_json_str(c) for c in self.chain)}]' if len(self.chain) > 1 else ""
-        return (f'{{"time": {when:.6f}, "name": {_json_str(q.name)}, "type": "{type_name(q.qtype)}", '
+        return (f'"name": {_json_str(q.name)}, "type": "{type_name(q.qtype)}", '
                 f'"verdict": "{self.verdict}", "rcode": "{rcode_name(self.rcode)}", "answers": [{answers}], '
-                f'"cached": {"true" if self.cached else "false"}{chain}}}\n')
+                f'"cached": {"true" if cached else "false"}{chain}}}\n')
 
 
 class _Pending:
@@ -139,6 +155,7 @@ class _Pending:
 _LEARN = Decision("deny")
 _DENY_SETS = (DENY_SET,)
 _PARSED_MEMO = 1024
+_FOREVER = float("inf")
 
 
 class _Resolver:
@@ -154,11 +171,19 @@ class _Resolver:
         self.learn_denied = learn_denied
         self.never_grant = never_grant
         self.limits = limits
-        self.sel = selectors.DefaultSelector()
+        self.sel = Poller()
         self.cache = _Cache(limits.cache_entries, limits.cache_bytes)
         self.pending: dict[tuple[str, int, int], _Pending] = {}
         self.parsed: dict[bytes, tuple[Query, Decision]] = {}
+        # A UDP packet (but for its id) -> the tail of its reply, until when it holds (cache, policy and the
+        # grants it needs all alike), and its log line's tail: the listener answers a hit at once, as it reads
+        # it. Filled by `flush` from answers that went out; bounded as `parsed`.
+        self.fast: dict[bytes, tuple[bytes, float, bytes]] = {}
+        self.fast_log: list[bytes] = []
         self.timers: list[Timer] = []
+        # (set, address) -> until when (monotonic) the granter has confirmed the element lives, at least
+        self.confirmed: dict[tuple[str, str], float] = {}
+        self.confirmed_limit = 4096
         self.clients: dict[_TcpClient, None] = {}
         self.out: list[_Out] = []
         self.now = time.monotonic()
@@ -168,38 +193,54 @@ class _Resolver:
             sock.setblocking(False)
             with contextlib.suppress(OSError):  # room for a burst while the loop grants; as nobody: up to rmem_max
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-            self.sel.register(sock, selectors.EVENT_READ, _UdpListener(self, sock))
+            self.sel.register(sock, READ, _UdpListener(self, sock))
             self.listeners.append(sock)
         for sock in tcp:
             sock.setblocking(False)
-            self.sel.register(sock, selectors.EVENT_READ, _TcpListener(self, sock))
+            self.sel.register(sock, READ, _TcpListener(self, sock))
             self.listeners.append(sock)
 
     # -- the loop
 
     def run(self, stop: threading.Event | None) -> None:
+        # Every turn is on a cached answer's path: locals, and nothing done that the turn does not need.
+        poll = self.sel.epoll.poll
+        handlers = self.sel.handlers
+        timers = self.timers
+        monotonic = time.monotonic
         sweep = self.now + 1.0
         try:
             while stop is None or not stop.is_set():
-                wait = sweep - time.monotonic()
-                if self.timers:
-                    wait = min(wait, self.timers[0].deadline - time.monotonic())
-                if stop is not None:
-                    wait = min(wait, 0.25)
                 if self.out:  # answers queued while the last batch was sent (TCP queries held back)
                     wait = 0.0
-                events = self.sel.select(max(wait, 0.0))
-                self.now = now = time.monotonic()
-                for key, mask in events:
+                else:
+                    now = monotonic()
+                    wait = sweep - now
+                    if timers and timers[0].deadline - now < wait:
+                        wait = timers[0].deadline - now
+                    if stop is not None and wait > 0.25:
+                        wait = 0.25
+                    if wait < 0.0:
+                        wait = 0.0
+                events = poll(wait)
+                self.now = now = monotonic()
+                for fd, ev in events:
+                    handler = handlers.get(fd)
+                    if handler is None:
+                        continue  # closed by an earlier event of this turn
                     try:
-                        key.data.on_event(mask, now)
+                        handler.on_event((READ if ev & NOT_OUT else 0) | (WRITE if ev & NOT_IN else 0), now)
                     except Exception as e:  # one bad packet or client must never stop the resolver
                         self._error(e)
-                try:
-                    run_timers(self.timers, now)
-                except Exception as e:
-                    self._error(e)
-                self.flush()
+                if timers and timers[0].deadline <= now:
+                    try:
+                        run_timers(timers, now)
+                    except Exception as e:
+                        self._error(e)
+                if self.out:
+                    self.flush()
+                elif self.fast_log:  # memoized answers only: they went out already, the log lines are left
+                    self._log_fast()
                 if now >= sweep:
                     sweep = now + 1.0
                     self._sweep(now)
@@ -222,6 +263,9 @@ class _Resolver:
         if len(self.timers) > 4 * len(self.pending) + 1024:  # mostly cancelled: drop those now
             self.timers[:] = [t for t in self.timers if t.exchange is not None]
             heapq.heapify(self.timers)
+        if len(self.confirmed) > self.confirmed_limit:  # amortized: a pass only once the map has doubled
+            self.confirmed = {k: until for k, until in self.confirmed.items() if until > now}
+            self.confirmed_limit = max(4096, 2 * len(self.confirmed))
 
     def _shutdown(self) -> None:
         for p in list(self.pending.values()):
@@ -265,9 +309,12 @@ class _Resolver:
                 self.parsed[data[2:]] = (q, decision)
         verdict = decision.verdict
         if verdict == "refuse" or verdict == "deny":
-            self.out.append(_Out(dest, q, error_reply(q, NXDOMAIN), [], verdict, NXDOMAIN))
+            o = _Out(dest, q, error_reply(q, NXDOMAIN), [], verdict, NXDOMAIN)
+            self.out.append(o)
             if verdict == "deny" and self.learn_denied:
-                self._lookup(q, None, _LEARN)
+                self._lookup(q, None, _LEARN)  # each time: so never memoized
+            else:
+                o.until = _FOREVER  # the policy never changes
             return
         self._lookup(q, dest, decision)
 
@@ -321,68 +368,141 @@ class _Resolver:
             if dest is None:
                 self.out.append(_Out(None, q, b"", grants, "deny", NOERROR))
             else:
-                self.out.append(_Out(dest, q, error_reply(q, NXDOMAIN), grants, "deny", NXDOMAIN, (), cached,
-                                     entry.chain))
+                o = _Out(dest, q, error_reply(q, NXDOMAIN), grants, "deny", NXDOMAIN, (), cached, entry.chain)
+                if not self.learn_denied:
+                    o.until, o.again_cached = _until(entry, elapsed), True
+                self.out.append(o)
             return
         reply = entry.reply(q, elapsed, cap, dest.limit(q))
         grants = []
         if decision.verdict == "allow" and not reply[2] & (TC >> 8):  # a TC reply hands out nothing
             grants = entry.grants(decision.allow_sets, elapsed, cap, self.never_grant)
-        self.out.append(_Out(dest, q, reply, grants, decision.verdict, entry.response.rcode, entry.texts, cached,
-                             entry.chain))
+        o = _Out(dest, q, reply, grants, decision.verdict, entry.response.rcode, entry.texts, cached, entry.chain)
+        o.until, o.again_cached = _until(entry, elapsed), True
+        self.out.append(o)
 
     # -- the batch
 
     def flush(self) -> None:
         """Send the turn's answers: at once those that hand out no address (NXDOMAIN for a denied name too,
-        whatever learning it grants); then grant every address the others hand out, in one call, and send
-        those; then log them all."""
+        whatever learning it grants) or only addresses the granter has confirmed lately enough; then grant
+        every address the others hand out, each (set, address) once, in as few calls as `grant_batch` allows,
+        and send those; memoize what went out for the listener; then log them all."""
         out, self.out = self.out, []
         if not out:
+            if self.fast_log:
+                self._log_fast()
             return
         held: list[tuple[_UdpDest | _TcpClient, _Out]] = []
+        asking: list[tuple[_Out, list[Grant]]] = []
         for o in out:
+            needed = self._ungranted(o.grants) if o.grants else o.grants
+            if needed:
+                asking.append((o, needed))
             if o.dest is None:
                 continue  # learn-only: grants, nothing to send
-            if o.grants and o.verdict != "deny":
+            if needed and o.verdict != "deny":
                 held.append((o.dest, o))
             else:
                 o.dest.send(o.reply)
-        for chunk in _chunks([o for o in out if o.grants], self.limits.grant_batch):
-            try:
-                self.grant(_merge([g for o in chunk for g in o.grants]))
-            except Exception:
-                if len(chunk) == 1:
-                    chunk[0].failed = True
-                else:  # find out whose grants fail, so that one bad member does not fail the whole chunk
-                    for o in chunk:
-                        try:
-                            self.grant(o.grants)
-                        except Exception:
-                            o.failed = True
+        if asking:
+            failed = self._grant_all(_merge([g for _o, needed in asking for g in needed]))
+            if failed:
+                for o, needed in asking:
+                    o.failed = any((g.set_name, g.address) in failed for g in needed)
         for dest, o in held:
             if o.failed:  # fail closed: never hand out an address the kernel would not let through
                 o.reply = error_reply(o.query, SERVFAIL)
                 o.rcode = SERVFAIL
                 o.answers = ()
             dest.send(o.reply)
+        self._memoize(out)
+        self._log(out)
+
+    def _memoize(self, out: list[_Out]) -> None:
+        """Remember the UDP answers that went out, for as long as the same packet gets the same reply: as the
+        cache and policy say (`_Out.until`), and while every address it hands out stays granted long enough."""
+        fast = self.fast
+        now = self.now
+        confirmed = self.confirmed
+        floor = self.limits.min_grant
+        for o in out:
+            if o.until <= now or o.failed:
+                continue
+            dest = o.dest
+            if type(dest) is not _UdpDest or dest.key is None:
+                continue
+            until = o.until
+            for g in o.grants:  # held from then on, by `_ungranted`'s test, until that test would ask again
+                held = confirmed.get((g.set_name, g.address), 0.0) + 1 - (g.timeout if g.timeout > floor else floor)
+                if held < until:
+                    until = held
+            if until > now:
+                if len(fast) >= _PARSED_MEMO:
+                    fast.clear()
+                fast[dest.key] = (o.reply[2:], until, o.log_tail(o.again_cached).encode())
+
+    def _log_fast(self) -> None:
+        tails, self.fast_log = self.fast_log, []
         if self.log.f is not None:
-            wall = time.time()
-            self.log.write([o.log_line(wall) for o in out if o.dest is not None])
+            head = b'{"time": %.6f, ' % time.time()
+            self.log.write(head + tails[0] if len(tails) == 1 else head.join([b"", *tails]))
+
+    def _log(self, out: list[_Out]) -> None:
+        tails, self.fast_log = self.fast_log, []
+        if self.log.f is not None:
+            tails += [o.log_tail(o.cached).encode() for o in out if o.dest is not None]
+            if tails:
+                head = b'{"time": %.6f, ' % time.time()
+                self.log.write(head.join([b"", *tails]))  # every line: head + tail
+
+    def _ungranted(self, grants: list[Grant]) -> list[Grant]:
+        """The grants the kernel may not hold as long as asked: all but those the granter confirmed lately
+        enough, by the granter's own test (same floor, same second of slack). A cached answer's grants are
+        mostly held already, and skipping them keeps it free of a round trip to the granter."""
+        confirmed = self.confirmed
+        floor = self.limits.min_grant
+        soon = self.now - 1
+        return [g for g in grants
+                if confirmed.get((g.set_name, g.address), 0.0) < soon + (g.timeout if g.timeout > floor else floor)]
+
+    def _grant_all(self, grants: list[Grant]) -> set[tuple[str, str]]:
+        """Grant them all, `grant_batch` at a time (what one call carries stays within what the granter reads
+        in one message); the (set, address) pairs whose grant failed. A failing call is split in halves until
+        the failures are single grants, so that one bad grant fails only the answers that carry it."""
+        failed: set[tuple[str, str]] = set()
+        most = max(1, self.limits.grant_batch)
+        todo = [grants[i:i + most] for i in range(0, len(grants), most)][::-1]  # a stack, in order
+        while todo:
+            chunk = todo.pop()
+            try:
+                self.grant(chunk)
+            except Exception:
+                if len(chunk) == 1:
+                    failed.add((chunk[0].set_name, chunk[0].address))
+                else:
+                    todo += [chunk[len(chunk) // 2:], chunk[:len(chunk) // 2]]
+                continue
+            self._confirmed(chunk)
+        return failed
+
+    def _confirmed(self, grants: Sequence[Grant]) -> None:
+        # counted from the start of the turn, before the granter added them: never later than the kernel does
+        confirmed = self.confirmed
+        floor = self.limits.min_grant
+        now = self.now
+        for g in grants:
+            key = (g.set_name, g.address)
+            until = now + (g.timeout if g.timeout > floor else floor)
+            if confirmed.get(key, 0.0) < until:
+                confirmed[key] = until
 
 
-def _chunks(items: list[_Out], most: int) -> list[list[_Out]]:
-    """`items` in order, in runs of at most `most` grants (an item alone may have more): what one grant call
-    carries stays within what the supervisor reads in one message."""
-    chunks: list[list[_Out]] = []
-    size = most
-    for o in items:
-        if size + len(o.grants) > most:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(o)
-        size += len(o.grants)
-    return chunks
+def _until(entry: _Answer, elapsed: int) -> float:
+    """Until when an answer from `entry` stays the same: to the next whole second of its age (its TTLs count
+    down by one then), and no later than the entry expires."""
+    tick = entry.stored + elapsed + 1
+    return tick if tick < entry.expires else entry.expires
 
 
 def _merge(grants: list[Grant]) -> list[Grant]:

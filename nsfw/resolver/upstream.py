@@ -15,13 +15,13 @@ import heapq
 import ipaddress
 import itertools
 import os
-import selectors
 import socket
 import time
 from collections.abc import Callable, Sequence
 
 from . import NamedTuple
 from .dnsmsg import NOERROR, NXDOMAIN, DnsFormatError, Response, make_query, parse_response
+from .poller import READ, WRITE, Poller, mask
 
 DEFAULT_NAMESERVER = "127.0.0.1"  # what glibc asks when resolv.conf names none
 MAXNS = 3  # glibc reads the first three nameserver lines only
@@ -113,12 +113,12 @@ def run_timers(timers: list[Timer], now: float) -> None:
 
 
 class Exchange:
-    """One question asked of the upstreams. Registers its socket in `selector` with itself as the data;
+    """One question asked of the upstreams. Registers its socket in `selector` with itself as the handler;
     the loop calls `on_event` when the socket is ready, and `run_timers` calls `on_timeout` (the exchange
     pushes a `Timer` onto the heap `timers` for each attempt). Ends by calling `done(self, response)`, with
     None when every upstream failed."""
 
-    def __init__(self, selector: selectors.BaseSelector, timers: list[Timer],
+    def __init__(self, selector: Poller, timers: list[Timer],
                  wire: bytes, servers: Sequence[Upstream], done: Callable[[Exchange, Response | None], None],
                  *, timeout: float = TIMEOUT) -> None:
         self.selector = selector
@@ -178,11 +178,11 @@ class Exchange:
                         raise OSError(err, os.strerror(err))
                     self.buf = bytearray(len(self.packet).to_bytes(2, "big") + self.packet)
                     self.sent = 0
-                    events = selectors.EVENT_WRITE
+                    events = WRITE
                 else:
                     sock.connect(server.sockaddr)  # the kernel then drops datagrams from any other address
                     sock.send(self.packet)
-                    events = selectors.EVENT_READ
+                    events = READ
                 self.selector.register(sock, events, self)
             except OSError:
                 sock.close()
@@ -245,7 +245,7 @@ class Exchange:
             self.sent += sock.send(self.buf[self.sent:])
             if self.sent == len(self.buf):
                 self.buf = bytearray()
-                self.selector.modify(sock, selectors.EVENT_READ, self)
+                self.selector.modify(sock, READ, self)
             return
         chunk = sock.recv(65536)
         if not chunk:
@@ -274,16 +274,18 @@ class Exchange:
 
 def ask(wire: bytes, servers: Sequence[Upstream], *, timeout: float = TIMEOUT) -> Response | None:
     """Blocking: the upstreams' answer to the question `wire` (a question section), or None."""
-    selector = selectors.DefaultSelector()
+    selector = Poller()
     timers: list[Timer] = []
     result: list[Response | None] = []
     exchange = Exchange(selector, timers, wire, servers, lambda _ex, r: result.append(r), timeout=timeout)
     try:
         exchange.start(time.monotonic())
         while not result:
-            wait = max(0.0, timers[0].deadline - time.monotonic()) if timers else None
-            for key, mask in selector.select(wait):
-                key.data.on_event(mask, time.monotonic())
+            wait = max(0.0, timers[0].deadline - time.monotonic()) if timers else -1
+            for fd, events in selector.epoll.poll(wait):
+                handler = selector.handlers.get(fd)
+                if handler is not None:
+                    handler.on_event(mask(events), time.monotonic())
             run_timers(timers, time.monotonic())
     finally:
         exchange.close()

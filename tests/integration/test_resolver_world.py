@@ -137,7 +137,7 @@ def test_short_ttl_expires_from_the_cache(world: World, answers: dict[str, dict[
     assert world.dns_log().count("short.test A") == 2
     cached = _get(answers, "chain.test 1 udp", 1)
     assert 26 <= cached["answers"][-1][2] <= 28  # served from the cache, aged
-    assert 31 <= cached["grants"][0][2] <= 33
+    assert cached["grants"] == []  # granted 35 s a moment ago: held longer than the aged answer asks
     assert world.dns_log().count("chain.test A") == 1
 
 

@@ -33,6 +33,7 @@ ZONE: dict[str, dict[str, Any]] = {
     "quiet.test": {"A": ["192.0.2.12"]},
 }
 FAST = Limits(upstream_timeout=0.4)
+FLOORED = Limits(upstream_timeout=0.4, min_grant=60)  # as in a sandbox: the granter keeps an address a minute
 
 
 # ---------------------------------------------------------------------------------------------- the fake upstream
@@ -260,14 +261,16 @@ def test_grant_happens_before_the_reply_leaves(make: Callable[..., Resolver]) ->
         early.append(bool(select.select([client], [], [], 0)[0]))  # the answer must not be on its way yet
         time.sleep(0.2)
 
-    r = make(grant_hook=hook)
+    r = make(grant_hook=hook, limits=FLOORED)
     client.connect((LOOP, r.port))
-    for _ in range(2):  # from upstream, then from the cache
+    for i in range(2):  # from upstream, then from the cache a second later: the minute is renewed
+        if i:
+            time.sleep(1.1)
         client.send(query("allowed.test"))
         data = client.recv(4096)
         received = time.monotonic()
         assert addresses(dnsmsg.parse_response(data)) == ["192.0.2.10"]
-        assert r.grant_ends and received >= r.grant_ends[-1]
+        assert len(r.grant_ends) == i + 1 and received >= r.grant_ends[-1]
     client.close()
     assert early == [False, False]
     assert r.grants[0] == [Grant("set_t", "192.0.2.10", 35), Grant("set_a", "192.0.2.10", 35)]
@@ -280,18 +283,38 @@ def test_timeouts_follow_ttls(make: Callable[..., Resolver]) -> None:
     assert r.granted() == [Grant("set_t", "192.0.2.12", 2 + 5), Grant("set_t", "192.0.2.99", 1 + 5)]
 
 
-def test_cache_hit_regrants_with_the_remaining_ttl(make: Callable[..., Resolver], up: FakeUpstream) -> None:
+def test_cache_hit_needs_no_grant_while_the_first_one_holds(make: Callable[..., Resolver],
+                                                            up: FakeUpstream) -> None:
     r = make()
     first = ask(r.port, "allowed.test")
     time.sleep(1.1)
     second = ask(r.port, "allowed.test")
     assert up.asked("allowed.test") == 1
     assert first.answers[0].ttl == 30 and 28 <= second.answers[0].ttl <= 29
-    assert [g.timeout for g in r.grants[0]] == [35, 35]
-    assert [g.timeout for g in r.grants[1]] == [second.answers[0].ttl + 5] * 2
+    assert r.grants == [[Grant("set_t", "192.0.2.10", 35), Grant("set_a", "192.0.2.10", 35)]]  # outlives 28+5
     ask(r.port, "zero.test")
     ask(r.port, "zero.test")
     assert up.asked("zero.test") == 2  # TTL 0: never cached
+    assert r.granted()[2:] == [Grant("set_t", "192.0.2.99", 6)]  # asked again, but granted 6 s a moment ago
+
+
+def test_cache_hit_renews_the_floor_with_the_remaining_ttl(make: Callable[..., Resolver]) -> None:
+    r = make(limits=FLOORED)
+    ask(r.port, "allowed.test")
+    ask(r.port, "allowed.test")  # within the second: the minute granted just now still holds
+    assert len(r.grants) == 1
+    time.sleep(1.1)
+    second = ask(r.port, "allowed.test")
+    assert len(r.grants) == 2  # a minute from this answer on: longer than the first grant holds
+    assert [g.timeout for g in r.grants[1]] == [second.answers[0].ttl + 5] * 2  # the granter applies the floor
+
+
+def test_a_longer_grant_for_a_held_address_is_asked(make: Callable[..., Resolver]) -> None:
+    r = make()
+    ask(r.port, "short.test")  # 192.0.2.12 for 2 + 5 s
+    ask(r.port, "quiet.test")  # the same address, by a name that keeps it 30 + 5 s
+    ask(r.port, "short.test")
+    assert r.grants == [[Grant("set_t", "192.0.2.12", 7)], [Grant("set_t", "192.0.2.12", 35)]]
 
 
 def test_negative_answers_are_cached_by_the_soa(make: Callable[..., Resolver], up: FakeUpstream) -> None:
@@ -370,8 +393,10 @@ def test_learn_denied_resolves_in_the_background_into_the_deny_set(make: Callabl
     r = make(learn_denied=True)
     assert ask(r.port, "cdn.test").rcode == dnsmsg.NXDOMAIN
     assert wait_for(lambda: r.granted() == [Grant("deny", "203.0.113.30", 35)])
-    assert ask(r.port, "cdn.test").rcode == dnsmsg.NXDOMAIN  # from the cache: learned again, not asked again
-    assert wait_for(lambda: len(r.grants) == 2)
+    assert ask(r.port, "cdn.test").rcode == dnsmsg.NXDOMAIN  # from the cache: neither asked nor granted again
+    ask(r.port, "allowed.test")  # answered after the learning of the query before it, in order
+    assert r.granted() == [Grant("deny", "203.0.113.30", 35), Grant("set_t", "192.0.2.10", 35),
+                           Grant("set_a", "192.0.2.10", 35)]
     assert up.asked("cdn.test") == 1
 
 
@@ -699,28 +724,120 @@ def test_cache_is_bounded_in_entries_and_bytes() -> None:
     assert cache.get(("n2", 1, 1), 100.0) is None and cache.bytes == 850  # expired
 
 
-def test_grant_calls_are_chunked() -> None:
-    from types import SimpleNamespace
-
-    from nsfw.resolver.server import _chunks
-
-    items: list[Any] = [SimpleNamespace(grants=[0] * n) for n in (3, 3, 5, 20, 1, 2)]
-    assert [[len(o.grants) for o in c] for c in _chunks(items, 8)] == [[3, 3], [5], [20], [1, 2]]
-    assert _chunks([], 8) == []
-
-
-def test_cached_answers_to_many_clients_share_grant_calls(make: Callable[..., Resolver]) -> None:
-    r = make(limits=Limits(upstream_timeout=0.4, grant_batch=4))
+def test_cached_answers_to_many_clients_share_one_renewal(make: Callable[..., Resolver]) -> None:
+    r = make(limits=FLOORED)
     ask(r.port, "multi.test")  # cached now
+    time.sleep(1.1)  # past the second of slack: the next answer renews the minute
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sender.settimeout(3)
     sender.connect((LOOP, r.port))
-    calls = len(r.grants)
     for _ in range(50):
         sender.send(query("multi.test"))
     for _ in range(50):
         assert addresses(dnsmsg.parse_response(sender.recv(4096))) != []
     sender.close()
-    batches = r.grants[calls:]
-    assert all(len(b) <= 4 for b in batches)
-    assert 0 < len(batches) <= 50
+    assert len(r.grants) == 2  # the first answer's, then one renewal for all 50 (each address once)
+    assert sorted(g.address for g in r.grants[1]) == ["192.0.2.10", "198.51.100.20"]
+
+
+class _Dest:
+    """Where a batch's answers go, in a test that drives the batch itself."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def release(self) -> None:
+        pass
+
+
+def _batch_resolver(grant: Callable[[Sequence[Grant]], None], **limits: Any) -> Any:
+    from nsfw.resolver.server import _Resolver
+
+    return _Resolver([], [], POLICY, ["127.0.0.1"], grant, None, False, lambda _a: False,
+                     Limits(**limits))
+
+
+def _out(dest: _Dest, name: str, grants: list[Grant]) -> Any:
+    from nsfw.resolver.server import _Out
+
+    q = dnsmsg.parse_query(query(name))
+    return _Out(dest, q, b"reply " + name.encode(), grants, "allow", dnsmsg.NOERROR, [g.address for g in grants])
+
+
+def test_a_batch_asks_each_grant_once_in_calls_of_at_most_grant_batch() -> None:
+    calls: list[list[Grant]] = []
+    r = _batch_resolver(lambda g: calls.append(list(g)), grant_batch=4)
+    dest = _Dest()
+    many = [Grant("s", f"192.0.2.{i}", 35) for i in range(10)]
+    r.out = [_out(dest, "a.test", many[:6]), _out(dest, "b.test", many[3:]), _out(dest, "c.test", many[:1])]
+    r.flush()
+    assert [len(c) for c in calls] == [4, 4, 2] and sorted(g for c in calls for g in c) == sorted(many)
+    assert dest.sent == [b"reply a.test", b"reply b.test", b"reply c.test"]
+    r.out = [_out(dest, "a.test", many[:6])]
+    r.flush()
+    assert len(calls) == 3 and dest.sent[-1] == b"reply a.test"  # held: no call
+
+
+def test_one_failing_grant_fails_only_the_answers_that_carry_it() -> None:
+    calls: list[list[Grant]] = []
+
+    def grant(grants: Sequence[Grant]) -> None:
+        calls.append(list(grants))
+        if any(g.address == "192.0.2.66" for g in grants):
+            raise OSError("the granter refused")
+
+    r = _batch_resolver(grant, grant_batch=8)
+    dest = _Dest()
+    good = [Grant("s", f"192.0.2.{i}", 35) for i in range(1, 6)]
+    bad = Grant("s", "192.0.2.66", 35)
+    r.out = [_out(dest, "a.test", good[:3]), _out(dest, "b.test", [good[3], bad]), _out(dest, "c.test", good[3:])]
+    r.flush()
+    assert dest.sent[0] == b"reply a.test" and dest.sent[2] == b"reply c.test"
+    failed = dnsmsg.parse_response(dest.sent[1])
+    assert failed.rcode == dnsmsg.SERVFAIL and failed.answers == ()
+    assert {g for c in calls[1:] if bad not in c for g in c} == set(good)  # every good one granted in the end
+    assert len(calls) <= 1 + 2 * 3  # halved until the bad one is alone: a few calls, not one per grant
+    r.out = [_out(dest, "b.test", [good[3], bad])]
+    r.flush()
+    assert calls[-1] == [bad]  # never confirmed, so asked again; the good one is held
+    assert dnsmsg.parse_response(dest.sent[-1]).rcode == dnsmsg.SERVFAIL
+
+
+def test_confirmed_grants_are_forgotten_once_expired() -> None:
+    r = _batch_resolver(lambda _g: None)
+    r.confirmed = {("s", f"198.18.{i // 256}.{i % 256}"): r.now - 1 for i in range(5000)}
+    r.confirmed[("s", "192.0.2.1")] = r.now + 30
+    r._sweep(r.now)
+    assert r.confirmed == {("s", "192.0.2.1"): r.now + 30}
+
+
+def test_a_burst_after_lone_queries_is_answered_whole(make: Callable[..., Resolver]) -> None:
+    r = make()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(3)
+        s.connect((LOOP, r.port))
+        for i in range(40):  # one at a time, from the cache after the first: read one a turn
+            s.send(query("allowed.test", qid=i))
+            assert dnsmsg.parse_response(s.recv(4096)).id == i
+        for i in range(100, 150):  # then all at once: every one answered, none left waiting in the socket
+            s.send(query("allowed.test", qid=i))
+        ids = {dnsmsg.parse_response(s.recv(4096)).id for _ in range(50)}
+    assert ids == set(range(100, 150))
+
+
+def test_memoized_answers_are_logged_and_keep_the_ttl_counting(make: Callable[..., Resolver],
+                                                               tmp_path: Path) -> None:
+    path = tmp_path / "queries.log"
+    with open(path, "ab") as log:
+        r = make(log=log)
+        first = [ask(r.port, "allowed.test") for _ in range(5)]
+        time.sleep(1.1)
+        later = ask(r.port, "allowed.test")
+        r.close()
+    assert {resp.answers[0].ttl for resp in first} == {30} and later.answers[0].ttl in (28, 29)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [x["cached"] for x in lines] == [False, True, True, True, True, True]
+    assert all(x["answers"] == ["192.0.2.10"] and x["verdict"] == "allow" for x in lines)
