@@ -153,21 +153,18 @@ def check(refs: tuple[str, ...]) -> None:
 @click.argument("ref", metavar="PROFILE", shell_complete=_complete_profile)
 @click.option("--json", "as_json", is_flag=True, help="Print libnftables JSON instead of nft syntax.")
 def rules(ref: str, as_json: bool) -> None:
-    """Print the ruleset that `nsfw run` loads inside the sandbox for PROFILE.
+    """Print the ruleset that `nsfw run` loads for PROFILE.
 
-    Shown for the first sandbox slot (gateway 10.213.0.1); at launch the host and lan sets also receive the
-    host's own addresses and connected networks. Name rules, enforced through the sandbox's resolver, are
-    listed as comments at the top.
+    For a `nat` profile, the sandbox's table on the host (inet nsfw-ID), which holds its whole policy; shown for
+    the first sandbox slot (id 00000000, gateway 10.213.0.1). For `none`, the table inside its namespace. At
+    launch the host and lan sets also receive the host's own addresses and connected networks. Name rules,
+    enforced through the sandbox's resolver, are listed as comments at the top.
     """
     from . import compile as rulesets
     from . import profile as profiles  # yaml: only for commands that read profiles
-    from .names import Instance
 
     prof = profiles.load(ref, _dirs())
-    example = Instance("0" * 8, slot=0, ipv6=True)  # the first sandbox's gateway: where its resolver listens
-    gateways = [str(example.gateway4.ip), str(example.gateway6.ip)] if prof.network == "nat" and example.gateway6 \
-        else []
-    cmds = rulesets.sandbox_ruleset(prof, gateways=gateways)
+    cmds = rulesets.ruleset(prof, rulesets.example_instance(prof))
     if as_json:
         click.echo(json.dumps(rulesets.wrap(cmds), indent=1, sort_keys=True))
         return

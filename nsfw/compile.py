@@ -69,6 +69,7 @@ def _saddr(version: int) -> dict[str, Any]:
 
 PROTO_PORT = {"concat": [_meta("l4proto"), _payload("th", "dport")]}
 ESTABLISHED = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
+INVALID = _match({"ct": {"key": "state"}}, "invalid", "in")
 ND = _match(_payload("icmpv6", "type"), {"set": ND_TYPES})
 DNS = _match(PROTO_PORT, {"set": [{"concat": ["udp", 53]}, {"concat": ["tcp", 53]}]})
 
@@ -272,14 +273,11 @@ def _zone_chain(chain: str, profile: Profile, parts: Parts) -> list[Cmd]:
     return rules
 
 
-def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequence[str] = ()) -> list[Cmd]:
-    """The table loaded inside the sandbox's namespace. `env` fills the host and lan sets at launch; without it
-    (`nsfw rules`) they hold only what every machine shares, so the output is the same everywhere."""
-    env = env or HostEnv()
-    parts = _parts(profile)
+def _sets(profile: Profile, env: HostEnv, gateways: Sequence[str], parts: Parts) -> list[Cmd]:
+    """The zone, profile and grant sets, in TABLE (host_ruleset moves them into the sandbox's host table)."""
     host_nets = [ipaddress.ip_network(a) for a in (*env.addresses, *map(ipaddress.ip_address, gateways))]
     lan_nets = _networks(LAN4 + LAN6) + list(env.connected)
-    cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}]
+    cmds: list[Cmd] = []
     for v in (4, 6):
         cmds.append(_addr_set(f"host{v}", v, host_nets))
         cmds.append(_addr_set(f"lan{v}", v, lan_nets))
@@ -292,67 +290,94 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
             cmds.append(_timeout_set(grant_set(i, v), v))
         if denied_names(profile):
             cmds.append(_timeout_set(f"dnsdeny{v}", v))
-    resolvers = {ipaddress.ip_address(g).version: g for g in gateways}
-    if resolvers:
-        cmds.append({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": "dns", "type": "nat",
-                                       "hook": "output", "prio": -100, "policy": "accept"}}})
-    for name, hook in (("output", "output"), ("input", "input")):
-        cmds.append({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": name, "type": "filter",
-                                       "hook": hook, "prio": 0, "policy": "drop"}}})
-    for chain in ZONE_CHAINS:
-        cmds.append({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": chain}}})
+    return cmds
 
+
+def _chain(name: str, kind: str | None = None, hook: str | None = None, prio: int = 0,
+           policy: str = "accept") -> Cmd:
+    spec: dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": name}
+    if kind and hook:
+        spec.update(type=kind, hook=hook, prio=prio, policy=policy)
+    return {"add": {"chain": spec}}
+
+
+def _classify(chain: str, profile: Profile, parts: Parts, local: bool) -> list[Cmd]:
+    """A new connection from the sandbox, after the fixed accepts: `ipv6: false`, the deny sets, then the zone
+    of its destination. `local`: it reached the host itself, so whatever its address, it is the host zone."""
+    cmds: list[Cmd] = []
+    if not profile.ipv6:  # the sandbox has no IPv6 route either; this keeps it so whatever it tries
+        cmds.append(_rule(chain, _match(_meta("nfproto"), "ipv6"), _verdict("reject")))
+    for v in (4, 6):
+        if parts["deny", v][0]:
+            cmds.append(_rule(chain, _match(_daddr(v), f"@denyaddr{v}"), _verdict("reject")))
+        if parts["deny", v][1]:
+            cmds.append(_rule(chain, _match({"concat": [_daddr(v), *PROTO_PORT["concat"]]}, f"@deny{v}"),
+                              _verdict("reject")))
+        if denied_names(profile):  # addresses learned for denied names, while they are known
+            cmds.append(_rule(chain, _match(_daddr(v), f"@dnsdeny{v}"), _verdict("reject")))
+    if local:
+        cmds.append(_rule(chain, _verdict("goto", "to_host")))
+        return cmds
+    for zone in ("host", "lan", "other"):
+        for v in (4, 6):
+            cmds.append(_rule(chain, _match(_daddr(v), f"@{zone}{v}"), _verdict("goto", f"to_{zone}")))
+    cmds.append(_rule(chain, _verdict("goto", "to_internet")))
+    return cmds
+
+
+def _dns_redirect(chain: str, resolvers: dict[int, str], *head: dict[str, Any]) -> list[Cmd]:
+    # Every DNS packet, to any address, goes to the sandbox's own resolver: choosing another resolver cannot
+    # get around a name rule. (DNS over TLS or HTTPS is ordinary traffic under the profile's rules.)
+    return [_rule(chain, *head, _match(_meta("nfproto"), "ipv4" if v == 4 else "ipv6"), DNS,
+                  {"dnat": {"family": "ip" if v == 4 else "ip6", "addr": addr}})
+            for v, addr in sorted(resolvers.items())]
+
+
+def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequence[str] = ()) -> list[Cmd]:
+    """The policy as a table inside the sandbox's own namespace: what a `network: none` sandbox loads. (A
+    `nat` sandbox's policy lives in its host table, host_ruleset, so that no conntrack runs in its namespace.)
+    `env` fills the host and lan sets at launch; without it (`nsfw rules`) they hold only what every machine
+    shares, so the output is the same everywhere."""
+    env = env or HostEnv()
+    parts = _parts(profile)
+    cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}, *_sets(profile, env, gateways, parts)]
+    resolvers: dict[int, str] = {ipaddress.ip_address(g).version: g for g in gateways}
+    if resolvers:
+        cmds.append(_chain("dns", "nat", "output", -100))
+    cmds += [_chain("output", "filter", "output", 0, "drop"), _chain("input", "filter", "input", 0, "drop")]
+    cmds += [_chain(chain) for chain in ZONE_CHAINS]
     cmds += [
         _rule("output", _match(_meta("oif"), "lo"), _verdict("accept")),
         _rule("output", ESTABLISHED, _verdict("accept")),
-        _rule("output", _match({"ct": {"key": "state"}}, "invalid", "in"), _verdict("drop")),
+        _rule("output", INVALID, _verdict("drop")),
         _rule("output", ND, _verdict("accept")),
     ]
-    # Every DNS packet, to any address, goes to the sandbox's own resolver: choosing another resolver cannot
-    # get around a name rule. (DNS over TLS or HTTPS is ordinary traffic under the profile's rules.)
+    cmds += _dns_redirect("dns", resolvers, _match(_meta("oif"), "lo", "!="))
     for v, addr in sorted(resolvers.items()):
-        nfproto = _match(_meta("nfproto"), "ipv4" if v == 4 else "ipv6")
-        cmds.append(_rule("dns", nfproto, _match(_meta("oif"), "lo", "!="), DNS,
-                          {"dnat": {"family": "ip" if v == 4 else "ip6", "addr": addr}}))
         cmds.append(_rule("output", _match(_daddr(v), addr), DNS, _verdict("accept")))
-    if not profile.ipv6:  # the sandbox has no IPv6 route either; this keeps it so whatever it tries
-        cmds.append(_rule("output", _match(_meta("nfproto"), "ipv6"), _verdict("reject")))
-    for v in (4, 6):
-        if parts["deny", v][0]:
-            cmds.append(_rule("output", _match(_daddr(v), f"@denyaddr{v}"), _verdict("reject")))
-        if parts["deny", v][1]:
-            cmds.append(_rule("output", _match({"concat": [_daddr(v), *PROTO_PORT["concat"]]}, f"@deny{v}"),
-                              _verdict("reject")))
-        if denied_names(profile):  # addresses learned for denied names, while they are known
-            cmds.append(_rule("output", _match(_daddr(v), f"@dnsdeny{v}"), _verdict("reject")))
-    for zone in ("host", "lan", "other"):
-        for v in (4, 6):
-            cmds.append(_rule("output", _match(_daddr(v), f"@{zone}{v}"), _verdict("goto", f"to_{zone}")))
-    cmds.append(_rule("output", _verdict("goto", "to_internet")))
-
+    cmds += _classify("output", profile, parts, local=False)
     for chain in ZONE_CHAINS:
         cmds += _zone_chain(chain, profile, parts)
-
     cmds += [
         _rule("input", _match(_meta("iif"), "lo"), _verdict("accept")),
         _rule("input", ESTABLISHED, _verdict("accept")),
         _rule("input", ND, _verdict("accept")),
         _rule("input", _verdict("drop")),
     ]
-    return _counted(cmds)
+    return _counted(cmds, {"output", *ZONE_CHAINS})
 
 
 COUNTERS = {"accept": "allowed", "reject": "denied"}
 
 
-def _counted(cmds: list[Cmd]) -> list[Cmd]:
-    """Every verdict on what the sandbox sends, but loopback and neighbour discovery, adds to one of two named
-    counters, `allowed` and `denied`, which `nsfw ps` reads."""
+def _counted(cmds: list[Cmd], chains: set[str]) -> list[Cmd]:
+    """Every accept and reject of what the sandbox sends (in `chains`), but loopback and neighbour discovery,
+    adds to one of two named counters, `allowed` and `denied`, which `nsfw ps` reads."""
     out: list[Cmd] = [cmds[0]]
     out += [{"add": {"counter": {"family": FAMILY, "table": TABLE, "name": n}}} for n in COUNTERS.values()]
     for cmd in cmds[1:]:
         rule = cmd.get("add", {}).get("rule")
-        if rule and rule["chain"] != "input" and rule["expr"][0] not in (_match(_meta("oif"), "lo"), ND):
+        if rule and rule["chain"] in chains and rule["expr"][0] not in (_match(_meta("oif"), "lo"), ND):
             verdict = next(iter(rule["expr"][-1]))
             exprs = [e for e in rule["expr"] if "counter" not in e]
             if verdict in COUNTERS:
@@ -361,51 +386,95 @@ def _counted(cmds: list[Cmd]) -> list[Cmd]:
     return out
 
 
+def _retable(cmds: list[Cmd], table: str) -> list[Cmd]:
+    """The same commands aimed at `table` (the policy is built once, for whichever table holds it)."""
+    for cmd in cmds:
+        for body in cmd.values():
+            for kind, obj in body.items():
+                obj["name" if kind == "table" else "table"] = table
+    return cmds
+
+
 # ---------------------------------------------------------------------------------------------- host side
 
 
-def host_ruleset(inst: Instance, profile: Profile) -> list[Cmd]:
-    """The host's table for one `nat` sandbox: NAT out, nothing in, no sandbox-to-sandbox, host closed."""
-    t, veth = inst.table, inst.veth
-    iif, oif = _meta("iifname"), _meta("oifname")
-    cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": t}}}]
-    for name, kind, hook, prio in (("postrouting", "nat", "postrouting", 100), ("forward", "filter", "forward", 0),
-                                   ("input", "filter", "input", 0)):
-        cmds.append({"add": {"chain": {"family": FAMILY, "table": t, "name": name, "type": kind, "hook": hook,
-                                       "prio": prio, "policy": "accept"}}})
+def host_ruleset(inst: Instance, profile: Profile, env: HostEnv | None = None) -> list[Cmd]:
+    """The host's table for one `nat` sandbox, holding its whole policy, so the sandbox's own namespace needs
+    no table (no conntrack there: the host's, which NAT needs anyway, serves both):
+
+        prerouting (nat): every DNS packet from the veth -> the sandbox's resolver on its gateway
+        postrouting (nat): the sandbox's own source, masqueraded
+        forward: from the veth -> egress; into the veth: replies only
+        input: from the veth -> local; output: into the veth, replies and neighbour discovery only
+        egress: other sandboxes, spoofed sources, invalid -> drop; replies -> accept; then, as inside a
+                `none` sandbox: deny sets -> reject; zone of the destination -> to_ZONE
+        local: replies, neighbour discovery, the resolver -> accept; deny sets -> reject; -> to_host
+        to_ZONE: as sandbox_ruleset's
+
+    `env` fills the host and lan sets at launch, as for sandbox_ruleset."""
+    env = env or HostEnv()
+    veth = inst.veth
+    iif, oif = _match(_meta("iifname"), veth), _match(_meta("oifname"), veth)
+    parts = _parts(profile)
     own = {4: inst.address4, 6: inst.address6}
+    resolvers: dict[int, str] = {v: str(gw.ip) for v, gw in ((4, inst.gateway4), (6, inst.gateway6))
+                                 if gw is not None}
+    cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}},
+                       *_sets(profile, env, list(resolvers.values()), parts)]
+    cmds += [_chain("prerouting", "nat", "prerouting", -100), _chain("postrouting", "nat", "postrouting", 100),
+             _chain("forward", "filter", "forward", 0), _chain("input", "filter", "input", 0),
+             _chain("output", "filter", "output", 0), _chain("egress"), _chain("local")]
+    cmds += [_chain(chain) for chain in ZONE_CHAINS]
+    cmds += _dns_redirect("prerouting", resolvers, iif)
     for v, addr in own.items():
-        if addr is None:
-            continue
-        cmds.append(_rule("postrouting", _match(_saddr(v), str(addr.ip)), _match(oif, veth, "!="),
-                          {"masquerade": None}, table=t))
-    cmds.append(_rule("forward", _match(iif, veth), _match(oif, f"{PREFIX}*"), _verdict("drop"), table=t))
+        if addr is not None:
+            cmds.append(_rule("postrouting", _match(_saddr(v), str(addr.ip)), _match(_meta("oifname"), veth, "!="),
+                              {"masquerade": None}))
+    cmds += [
+        _rule("forward", iif, _verdict("goto", "egress")),
+        _rule("forward", oif, ESTABLISHED, _verdict("accept")),
+        _rule("forward", oif, _verdict("drop")),
+        _rule("input", iif, _verdict("goto", "local")),
+        # the host starts nothing into the sandbox: its replies (and rejects, which are related) go in
+        _rule("output", oif, ESTABLISHED, _verdict("accept")),
+        _rule("output", oif, ND, _verdict("accept")),
+        _rule("output", oif, _verdict("drop")),
+        _rule("egress", _match(_meta("oifname"), f"{PREFIX}*"), _verdict("drop")),  # no sandbox to sandbox
+    ]
     for v, addr in own.items():
         nfproto = _match(_meta("nfproto"), "ipv4" if v == 4 else "ipv6")
         if addr is None:
-            cmds.append(_rule("forward", _match(iif, veth), nfproto, _verdict("drop"), table=t))
+            cmds.append(_rule("egress", nfproto, _verdict("drop")))
         else:  # a sandbox cannot send as anybody else
-            cmds.append(_rule("forward", _match(iif, veth), _match(_saddr(v), str(addr.ip), "!="),
-                              _verdict("drop"), table=t))
-    cmds += [
-        _rule("forward", _match(oif, veth), ESTABLISHED, _verdict("accept"), table=t),
-        _rule("forward", _match(oif, veth), _verdict("drop"), table=t),
-        _rule("input", _match(iif, veth), ESTABLISHED, _verdict("accept"), table=t),
-        _rule("input", _match(iif, veth), ND, _verdict("accept"), table=t),
-    ]
-    # The sandbox's own table already enforces host rules; repeating them here keeps the host closed even if
-    # that table were somehow gone.
-    for rule in (_cells_rule("input", _zone_cells(profile.deny, "to_host"), "drop")
-                 + _cells_rule("input", _zone_cells(profile.allow, "to_host"), "accept")):
-        rule["add"]["rule"]["table"] = t
-        rule["add"]["rule"]["expr"].insert(0, _match(iif, veth))
-        cmds.append(rule)
-    for v, gw in ((4, inst.gateway4), (6, inst.gateway6)):
-        if gw is not None:  # the sandbox's resolver listens on its gateway
-            cmds.append(_rule("input", _match(iif, veth), _match(_daddr(v), str(gw.ip)), DNS, _verdict("accept"),
-                              table=t))
-    cmds.append(_rule("input", _match(iif, veth), _verdict("drop"), table=t))
-    return cmds
+            cmds.append(_rule("egress", _match(_saddr(v), str(addr.ip), "!="), _verdict("drop")))
+    cmds += [_rule("egress", ESTABLISHED, _verdict("accept")), _rule("egress", INVALID, _verdict("drop"))]
+    cmds += _classify("egress", profile, parts, local=False)
+    cmds += [_rule("local", ESTABLISHED, _verdict("accept")), _rule("local", ND, _verdict("accept")),
+             _rule("local", INVALID, _verdict("drop"))]
+    for v, addr in own.items():
+        nfproto = _match(_meta("nfproto"), "ipv4" if v == 4 else "ipv6")
+        if addr is None:
+            cmds.append(_rule("local", nfproto, _verdict("drop")))
+        else:
+            cmds.append(_rule("local", _match(_saddr(v), str(addr.ip), "!="), _verdict("drop")))
+    for v, gw in sorted(resolvers.items()):  # the resolver listens on the gateway; prerouting sent DNS there
+        cmds.append(_rule("local", _match(_daddr(v), gw), DNS, _verdict("accept")))
+    cmds += _classify("local", profile, parts, local=True)
+    for chain in ZONE_CHAINS:
+        cmds += _zone_chain(chain, profile, parts)
+    return _retable(_counted(cmds, {"egress", "local", *ZONE_CHAINS}), inst.table)
+
+
+def example_instance(profile: Profile) -> Instance:
+    """The first sandbox slot, with a fixed id: what `nsfw rules` shows, the same on every machine."""
+    return Instance("0" * 8, slot=0, ipv6=profile.ipv6)
+
+
+def ruleset(profile: Profile, inst: Instance, env: HostEnv | None = None) -> list[Cmd]:
+    """What `nsfw run` loads for `profile`: a `nat` sandbox's host table, or a `none` sandbox's own table."""
+    if profile.network == "nat":
+        return host_ruleset(inst, profile, env)
+    return sandbox_ruleset(profile, env)
 
 
 GUARD_TABLE = f"{PREFIX}-guard"
