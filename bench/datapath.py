@@ -173,6 +173,10 @@ def measure(rounds: int = 5, seconds: float = 3.0, conc: int = 16,
                 c.log(f"datapath: round {rnd + 1}/{rounds}: " + ", ".join(
                     f"{k} {v[-1]:,.0f}/s" for k, v in rates.items()))
             extra["set_elements_after"] = set_sizes(w, rec["table"])
+            # the policy lives in the host table, so the sandbox's own namespace tracks no connection at all
+            extra["sandbox_conntrack_entries"] = n = int(c.wrun(w, [
+                "ip", "netns", "exec", rec["netns"], "cat", "/proc/sys/net/netfilter/nf_conntrack_count"]).stdout)
+            c.log(f"datapath: connections tracked in the sandbox's own namespace: {n}")
     finally:
         subprocess.run(["rm", "-rf", work], check=False)
     extra["rates"] = rates
