@@ -58,13 +58,14 @@ def ct_tune(w: Any, ns: str | None) -> None:
 
 
 def set_sizes(w: Any, table: str) -> dict[str, int]:
-    """Elements in each set of the sandbox's host table, which holds its policy (an interval counts its start
+    """Elements in each set and map of the sandbox's host table, which holds its policy (an interval counts its start
     only)."""
     r = c.wrun(w, ["nft", "-j", "list", "table", "inet", table])
     out = {}
     for item in json.loads(r.stdout)["nftables"]:
-        if "set" in item:
-            out[item["set"]["name"]] = len(item["set"].get("elem", []))
+        for kind in ("set", "map"):
+            if kind in item:
+                out[item[kind]["name"]] = len(item[kind].get("elem", []))
     return out
 
 

@@ -1,12 +1,15 @@
 """Profile -> nftables rulesets as libnftables JSON commands. Pure: no kernel, deterministic output.
 
-The sandbox's table classifies each new outbound connection's destination into a zone with a few set lookups,
-then decides in that zone's chain. Profile rules become set elements, not rules, so a profile of ten thousand
-CIDRs costs the data path a lookup, not ten thousand comparisons:
+A sandbox's policy classifies each new connection it starts by its destination's zone, with one verdict-map
+lookup, then decides in that zone's chain. Profile rules become set elements, not rules, so a profile of ten
+thousand CIDRs costs the data path a lookup, not ten thousand comparisons. A `nat` sandbox's policy lives in
+its host table (host_ruleset: forward and input chains matched on its veth, so no conntrack runs in its
+namespace); a `none` sandbox's in a table inside its namespace (sandbox_ruleset), in the same shape:
 
-    dns (nat): every DNS packet -> the sandbox's resolver on its gateway
-    output: loopback, established, the resolver -> accept; cidr deny and denied-name sets -> reject;
-            daddr in @host -> to_host | @lan -> to_lan | @other -> to_other | else to_internet
+    DNS: every DNS packet -> the sandbox's resolver on its gateway (nat)
+    egress / output: established -> accept; cidr deny and denied-name sets -> reject;
+            daddr vmap @zone (host -> to_host, lan -> to_lan, other -> to_other), else to_internet
+    local (nat: what reaches the host itself): the resolver -> accept; deny sets -> reject; -> to_host
     to_ZONE: zone deny rules -> reject; granted name addresses (lan, internet) -> accept;
              cidr allow set -> accept (not to_host); zone allow rules -> accept; the profile's default
 """
@@ -17,6 +20,7 @@ import bisect
 import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
+from itertools import pairwise
 from typing import Any
 
 from .intervals import Box, Cell, Span, disjoint, disjoint_cells, merge_addresses, span_to_prefixes
@@ -273,15 +277,50 @@ def _zone_chain(chain: str, profile: Profile, parts: Parts) -> list[Cmd]:
     return rules
 
 
-def _sets(profile: Profile, env: HostEnv, gateways: Sequence[str], parts: Parts) -> list[Cmd]:
-    """The zone, profile and grant sets, in TABLE (host_ruleset moves them into the sandbox's host table)."""
+ZONE_ORDER = ("host", "lan", "other")  # where zones overlap, the first wins: the host's own 192.168.1.10 is host
+
+
+def zone_spans(spans: Sequence[Iterable[Span]]) -> list[tuple[Span, int]]:
+    """Disjoint address spans, each labelled with the index of the first of `spans` that covers it (an
+    interval map refuses overlapping elements); addresses none covers are left out."""
+    labelled = [(lo, hi, rank) for rank, group in enumerate(spans) for lo, hi in group]
+    cuts = sorted({p for lo, hi, _r in labelled for p in (lo, hi + 1)})
+    out: list[tuple[Span, int]] = []
+    for lo, nxt in pairwise(cuts):
+        ranks = [r for a, b, r in labelled if a <= lo and nxt - 1 <= b]
+        if not ranks:
+            continue
+        rank = min(ranks)
+        if out and out[-1][1] == rank and out[-1][0][1] + 1 == lo:
+            out[-1] = ((out[-1][0][0], nxt - 1), rank)
+        else:
+            out.append(((lo, nxt - 1), rank))
+    return out
+
+
+def _zone_map(version: int, nets: Sequence[Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]]) -> Cmd:
+    """Destination address -> `goto to_ZONE` in one lookup; what no zone holds is the internet."""
+    spans = zone_spans([[_span(n) for n in group if n.version == version] for group in nets])
+    spec: dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": f"zone{version}",
+                            "type": "ipv4_addr" if version == 4 else "ipv6_addr", "map": "verdict",
+                            "flags": ["interval"]}
+    if spans:
+        spec["elem"] = [[_addr_elem(span, version), _verdict("goto", f"to_{ZONE_ORDER[rank]}")]
+                        for span, rank in spans]
+    return {"add": {"map": spec}}
+
+
+def _zone_maps(env: HostEnv, gateways: Sequence[str]) -> list[Cmd]:
+    """Loaded after the zone chains, which their elements name."""
     host_nets = [ipaddress.ip_network(a) for a in (*env.addresses, *map(ipaddress.ip_address, gateways))]
     lan_nets = _networks(LAN4 + LAN6) + list(env.connected)
+    return [_zone_map(v, [host_nets, lan_nets, _networks(OTHER4 if v == 4 else OTHER6)]) for v in (4, 6)]
+
+
+def _sets(profile: Profile, parts: Parts) -> list[Cmd]:
+    """The profile and grant sets, in TABLE (host_ruleset moves them into the sandbox's host table)."""
     cmds: list[Cmd] = []
     for v in (4, 6):
-        cmds.append(_addr_set(f"host{v}", v, host_nets))
-        cmds.append(_addr_set(f"lan{v}", v, lan_nets))
-        cmds.append(_addr_set(f"other{v}", v, _networks(OTHER4 if v == 4 else OTHER6)))
         cmds.append(_span_set(f"denyaddr{v}", v, parts["deny", v][0]))
         cmds.append(_span_set(f"allowaddr{v}", v, parts["allow", v][0]))
         cmds.append(_concat_set(f"deny{v}", v, parts["deny", v][1]))
@@ -318,9 +357,8 @@ def _classify(chain: str, profile: Profile, parts: Parts, local: bool) -> list[C
     if local:
         cmds.append(_rule(chain, _verdict("goto", "to_host")))
         return cmds
-    for zone in ("host", "lan", "other"):
-        for v in (4, 6):
-            cmds.append(_rule(chain, _match(_daddr(v), f"@{zone}{v}"), _verdict("goto", f"to_{zone}")))
+    for v in (4, 6):
+        cmds.append(_rule(chain, {"vmap": {"key": _daddr(v), "data": f"@zone{v}"}}))
     cmds.append(_rule(chain, _verdict("goto", "to_internet")))
     return cmds
 
@@ -340,12 +378,13 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
     shares, so the output is the same everywhere."""
     env = env or HostEnv()
     parts = _parts(profile)
-    cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}, *_sets(profile, env, gateways, parts)]
+    cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}, *_sets(profile, parts)]
     resolvers: dict[int, str] = {ipaddress.ip_address(g).version: g for g in gateways}
     if resolvers:
         cmds.append(_chain("dns", "nat", "output", -100))
     cmds += [_chain("output", "filter", "output", 0, "drop"), _chain("input", "filter", "input", 0, "drop")]
     cmds += [_chain(chain) for chain in ZONE_CHAINS]
+    cmds += _zone_maps(env, gateways)
     cmds += [
         _rule("output", _match(_meta("oif"), "lo"), _verdict("accept")),
         _rule("output", ESTABLISHED, _verdict("accept")),
@@ -419,12 +458,12 @@ def host_ruleset(inst: Instance, profile: Profile, env: HostEnv | None = None) -
     own = {4: inst.address4, 6: inst.address6}
     resolvers: dict[int, str] = {v: str(gw.ip) for v, gw in ((4, inst.gateway4), (6, inst.gateway6))
                                  if gw is not None}
-    cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}},
-                       *_sets(profile, env, list(resolvers.values()), parts)]
+    cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}, *_sets(profile, parts)]
     cmds += [_chain("prerouting", "nat", "prerouting", -100), _chain("postrouting", "nat", "postrouting", 100),
              _chain("forward", "filter", "forward", 0), _chain("input", "filter", "input", 0),
              _chain("output", "filter", "output", 0), _chain("egress"), _chain("local")]
     cmds += [_chain(chain) for chain in ZONE_CHAINS]
+    cmds += _zone_maps(env, list(resolvers.values()))
     cmds += _dns_redirect("prerouting", resolvers, iif)
     for v, addr in own.items():
         if addr is not None:

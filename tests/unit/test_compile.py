@@ -227,6 +227,7 @@ class Index:
         self.rules: dict[tuple[str, str], list[list[dict[str, Any]]]] = {}
         self.sets: dict[tuple[str, str], tuple[list[str], list[Any]]] = {}
         self.policy: dict[tuple[str, str], str] = {}
+        self.maps: dict[tuple[str, str], tuple[list[str], list[Any]]] = {}
         for c in cmds:
             ((what, body),) = c["add"].items() if "add" in c else (("other", None),)
             if what == "rule":
@@ -234,6 +235,9 @@ class Index:
             elif what == "set":
                 types = body["type"] if isinstance(body["type"], list) else [body["type"]]
                 self.sets[(body["table"], body["name"])] = ([SET_KINDS[t] for t in types], body.get("elem", []))
+            elif what == "map":
+                assert body["map"] == "verdict", body
+                self.maps[(body["table"], body["name"])] = ([SET_KINDS[body["type"]]], body.get("elem", []))
             elif what == "chain" and "policy" in body:
                 self.policy[(body["table"], body["name"])] = body["policy"]
 
@@ -284,6 +288,14 @@ def run_chain(cmds: list[Cmd], chain: str, p: Pkt, table: str = nc.TABLE, depth:
                     break
             elif "counter" in stmt:
                 continue
+            elif "vmap" in stmt:
+                hit = _map_lookup(ix, table, stmt["vmap"], p)
+                if hit is None:  # no element: the rule does nothing
+                    break
+                r = run_chain(cmds, (hit.get("goto") or hit["jump"])["target"], p, table, depth + 1)
+                if "goto" in hit or r is not None:
+                    return r
+                break
             elif "goto" in stmt or "jump" in stmt:
                 r = run_chain(cmds, (stmt.get("goto") or stmt["jump"])["target"], p, table, depth + 1)
                 if "goto" in stmt or r is not None:
@@ -293,6 +305,20 @@ def run_chain(cmds: list[Cmd], chain: str, p: Pkt, table: str = nc.TABLE, depth:
                 (v,) = stmt
                 assert v in ("accept", "drop", "reject", "masquerade", "dnat"), stmt
                 return v
+    return None
+
+
+def _map_lookup(ix: Index, table: str, vmap: dict[str, Any], p: Pkt) -> dict[str, Any] | None:
+    """The verdict a verdict map gives `p`'s key, None when no element holds it (or the key does not apply)."""
+    value = _value(vmap["key"], p)
+    if value is NOMATCH:
+        return None
+    kinds, elems = ix.maps[(table, vmap["data"][1:])]
+    assert kinds == [_kind(vmap["key"])], (vmap, kinds)
+    for key, verdict_ in elems:
+        lo, hi = _elem_span(key, kinds[0], p.version)
+        if lo <= value <= hi:
+            return dict(verdict_)
     return None
 
 
@@ -487,6 +513,29 @@ def test_denies_come_before_allows_in_every_zone_chain() -> None:
     # the cidr denies sit in output, ahead of every goto into a zone chain
     outv = [verdict(e) for e in chain_rules(nc.sandbox_ruleset(prof(["internet"], ["192.0.2.0/24"])), "output")]
     assert outv.index("deny", 3) < outv.index("goto")
+
+
+def test_zone_spans_are_disjoint_and_the_first_zone_wins() -> None:
+    assert nc.zone_spans([[(5, 5)], [(0, 9), (20, 29)], [(8, 12)]]) == [
+        ((0, 4), 1), ((5, 5), 0), ((6, 9), 1), ((10, 12), 2), ((20, 29), 1)]
+    assert nc.zone_spans([[], [(0, 3), (4, 7)], []]) == [((0, 7), 1)]  # neighbours of one zone merge
+    assert nc.zone_spans([[], [], []]) == []
+    rng = random.Random(5)
+    for _ in range(200):
+        groups = [[(lo, lo + rng.randrange(8)) for lo in rng.sample(range(40), rng.randrange(4))] for _ in range(3)]
+        got = nc.zone_spans(groups)
+        for a in range(50):
+            ranks = [r for r, g in enumerate(groups) if any(lo <= a <= hi for lo, hi in g)]
+            hits = [r for (lo, hi), r in got if lo <= a <= hi]
+            assert hits == ranks[:1], (groups, a)
+
+
+def test_one_lookup_classifies_a_destination() -> None:
+    cmds = nc.sandbox_ruleset(prof(["internet"]), ENV, GATEWAYS)
+    vmaps = [e for e in chain_rules(cmds, "output") if mentions(e, "vmap")]
+    assert [e[0]["vmap"]["data"] for e in vmaps] == ["@zone4", "@zone6"]
+    elems = {json.dumps(k): v["goto"]["target"] for k, v in index(cmds).maps[(nc.TABLE, "zone4")][1]}
+    assert elems['"192.168.1.10"'] == "to_host" and elems['"10.213.0.1"'] == "to_host"  # inside lan networks
 
 
 def test_to_host_never_uses_the_cidr_allow_sets() -> None:
