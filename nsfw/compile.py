@@ -443,10 +443,11 @@ def host_ruleset(inst: Instance, profile: Profile, env: HostEnv | None = None) -
 
         prerouting (nat): every DNS packet from the veth -> the sandbox's resolver on its gateway
         postrouting (nat): the sandbox's own source, masqueraded
-        forward: from the veth -> egress; into the veth: replies only
+        forward: from the veth, its own address, established, not to another sandbox -> accept; else from
+                 the veth -> egress; into the veth: replies only
         input: from the veth -> local; output: into the veth, replies and neighbour discovery only
-        egress: other sandboxes, spoofed sources, invalid -> drop; replies -> accept; then, as inside a
-                `none` sandbox: deny sets -> reject; zone of the destination -> to_ZONE
+        egress: other sandboxes, spoofed sources, invalid -> drop; then, as inside a `none` sandbox: deny
+                sets -> reject; zone of the destination -> to_ZONE
         local: replies, neighbour discovery, the resolver -> accept; deny sets -> reject; -> to_host
         to_ZONE: as sandbox_ruleset's
 
@@ -469,6 +470,13 @@ def host_ruleset(inst: Instance, profile: Profile, env: HostEnv | None = None) -
         if addr is not None:
             cmds.append(_rule("postrouting", _match(_saddr(v), str(addr.ip)), _match(_meta("oifname"), veth, "!="),
                               {"masquerade": None}))
+    # The sandbox's established traffic, nearly all it sends, is accepted in one rule: from its own address
+    # (a spoofed source never matches, whatever conntrack holds), to anything but another sandbox.
+    for v, addr in own.items():
+        if addr is not None:
+            cmds.append(_rule("forward", iif, _match(_meta("oifname"), f"{PREFIX}*", "!="),
+                              _match(_saddr(v), str(addr.ip)), ESTABLISHED, {"counter": COUNTERS["accept"]},
+                              _verdict("accept")))
     cmds += [
         _rule("forward", iif, _verdict("goto", "egress")),
         _rule("forward", oif, ESTABLISHED, _verdict("accept")),
@@ -486,7 +494,7 @@ def host_ruleset(inst: Instance, profile: Profile, env: HostEnv | None = None) -
             cmds.append(_rule("egress", nfproto, _verdict("drop")))
         else:  # a sandbox cannot send as anybody else
             cmds.append(_rule("egress", _match(_saddr(v), str(addr.ip), "!="), _verdict("drop")))
-    cmds += [_rule("egress", ESTABLISHED, _verdict("accept")), _rule("egress", INVALID, _verdict("drop"))]
+    cmds.append(_rule("egress", INVALID, _verdict("drop")))
     cmds += _classify("egress", profile, parts, local=False)
     cmds += [_rule("local", ESTABLISHED, _verdict("accept")), _rule("local", ND, _verdict("accept")),
              _rule("local", INVALID, _verdict("drop"))]
