@@ -10,7 +10,7 @@ zone and grant lookups: the longest path a new connection takes to be accepted.
 
 Contenders, interleaved round by round (so a slow moment of the machine costs each alike):
   unfiltered   a namespace the bench builds on the world's host: veth pair, NAT, no filter rules at all
-  nsfw         the sandbox (its policy in its host-side table, beside its NAT; no table in its namespace)
+  nsfw         the sandbox (its own table, its host-side table with the DNS redirect and NAT)
   nfq verdict  a namespace like the unfiltered one whose SYNs go to NFQUEUE, accepted by Python (bench/nfq.py)
   nfq + /proc  the same, but each verdict first finds the owning process in /proc, as OpenSnitch does
 Load: bench/c/connrate (epoll, CONC connections in flight, each reset once established) against bench/c/connsrv;
@@ -57,10 +57,9 @@ def ct_tune(w: Any, ns: str | None) -> None:
     c.wrun(w, argv if ns is None else ["ip", "netns", "exec", ns, *argv])
 
 
-def set_sizes(w: Any, table: str) -> dict[str, int]:
-    """Elements in each set and map of the sandbox's host table, which holds its policy (an interval counts its start
-    only)."""
-    r = c.wrun(w, ["nft", "-j", "list", "table", "inet", table])
+def set_sizes(w: Any, netns: str) -> dict[str, int]:
+    """Elements in each set and map of the sandbox's table (an interval counts its start only)."""
+    r = c.wrun(w, ["ip", "netns", "exec", netns, "nft", "-j", "list", "table", "inet", "nsfw"])
     out = {}
     for item in json.loads(r.stdout)["nftables"]:
         for kind in ("set", "map"):
@@ -129,7 +128,7 @@ def measure(rounds: int = 5, seconds: float = 3.0, conc: int = 16,
             t0 = time.perf_counter()
             c.wrun(w, [*nsfw_run, c.PYTHON, "-I", os.path.abspath(__file__), "--resolve", *names])
             extra["resolve_200_names_s"] = time.perf_counter() - t0
-            extra["set_elements"] = sizes = set_sizes(w, rec["table"])
+            extra["set_elements"] = sizes = set_sizes(w, rec["netns"])
             c.log(f"datapath: sandbox {rec['id']}, sets {sizes}")
             blocked = gen.blocklist(10)[3].split("/")[0]
             probe = w.run([*nsfw_run, *w.probe_argv("tcp", blocked, 80)], timeout=30)
@@ -173,11 +172,7 @@ def measure(rounds: int = 5, seconds: float = 3.0, conc: int = 16,
                     steps[(k + rnd) % len(steps)]()
                 c.log(f"datapath: round {rnd + 1}/{rounds}: " + ", ".join(
                     f"{k} {v[-1]:,.0f}/s" for k, v in rates.items()))
-            extra["set_elements_after"] = set_sizes(w, rec["table"])
-            # the policy lives in the host table, so the sandbox's own namespace tracks no connection at all
-            extra["sandbox_conntrack_entries"] = n = int(c.wrun(w, [
-                "ip", "netns", "exec", rec["netns"], "cat", "/proc/sys/net/netfilter/nf_conntrack_count"]).stdout)
-            c.log(f"datapath: connections tracked in the sandbox's own namespace: {n}")
+            extra["set_elements_after"] = set_sizes(w, rec["netns"])
     finally:
         subprocess.run(["rm", "-rf", work], check=False)
     extra["rates"] = rates

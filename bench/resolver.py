@@ -172,7 +172,8 @@ def measure(rounds: int = 5, seconds: float = 3.0, probes: int = 300,
                 c.log(f"resolver: round {rnd + 1}/{rounds}: " + "; ".join(
                     f"{k} {kind} {qps[kind][k][-1]:,.0f} q/s p50 {p50[kind][k][-1]:.3f} ms"
                     for kind in ("cached", "uncached") for k in where))
-            sets = c.wrun(w, ["nft", "-j", "list", "set", "inet", rec["table"], "dns4_0"]).stdout  # host table
+            sets = c.wrun(w, ["ip", "netns", "exec", rec["netns"], "nft", "-j", "list", "set", "inet", "nsfw",
+                              "dns4_0"]).stdout
             extra["nsfw_set_elements"] = len(json.loads(sets)["nftables"][1]["set"].get("elem", []))
             theirs = c.wrun(w, ["nft", "-j", "list", "set", "inet", "dnsbench", "grant4"]).stdout
             extra["dnsmasq_set_elements"] = len(json.loads(theirs)["nftables"][1]["set"].get("elem", []))

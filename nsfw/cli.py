@@ -153,18 +153,21 @@ def check(refs: tuple[str, ...]) -> None:
 @click.argument("ref", metavar="PROFILE", shell_complete=_complete_profile)
 @click.option("--json", "as_json", is_flag=True, help="Print libnftables JSON instead of nft syntax.")
 def rules(ref: str, as_json: bool) -> None:
-    """Print the ruleset that `nsfw run` loads for PROFILE.
+    """Print the ruleset that `nsfw run` loads inside the sandbox for PROFILE.
 
-    For a `nat` profile, the sandbox's table on the host (inet nsfw-ID), which holds its whole policy; shown for
-    the first sandbox slot (id 00000000, gateway 10.213.0.1). For `none`, the table inside its namespace. At
-    launch the host and lan sets also receive the host's own addresses and connected networks. Name rules,
-    enforced through the sandbox's resolver, are listed as comments at the top.
+    Shown for the first sandbox slot (gateway 10.213.0.1); at launch the host and lan sets also receive the
+    host's own addresses and connected networks. Name rules, enforced through the sandbox's resolver, are
+    listed as comments at the top.
     """
     from . import compile as rulesets
     from . import profile as profiles  # yaml: only for commands that read profiles
+    from .names import Instance
 
     prof = profiles.load(ref, _dirs())
-    cmds = rulesets.ruleset(prof, rulesets.example_instance(prof))
+    example = Instance("0" * 8, slot=0, ipv6=True)  # the first sandbox's gateway: where its resolver listens
+    gateways = [str(example.gateway4.ip), str(example.gateway6.ip)] if prof.network == "nat" and example.gateway6 \
+        else []
+    cmds = rulesets.sandbox_ruleset(prof, gateways=gateways)
     if as_json:
         click.echo(json.dumps(rulesets.wrap(cmds), indent=1, sort_keys=True))
         return
@@ -179,6 +182,8 @@ def _name_comments(prof: profiles.Profile) -> str:
     from .compile import grant_set, name_groups
 
     lines = [f"# profile {prof.name}, sha256 {prof.sha256[:16]}"]
+    if prof.network == "nat":
+        lines.append("# every DNS packet goes to the sandbox's resolver (redirected by its host table, inet nsfw-ID)")
     for i, group in enumerate(name_groups(prof)):
         names = ", ".join(r.value for r in group)
         lines.append(f"# names whose addresses go into @{grant_set(i, 4)}/@{grant_set(i, 6)}: {names}")

@@ -1,17 +1,18 @@
 """Profile -> nftables rulesets as libnftables JSON commands. Pure: no kernel, deterministic output.
 
-A sandbox's policy classifies each new connection it starts by its destination's zone, with one verdict-map
+The sandbox's table classifies each new outbound connection's destination into a zone with one verdict-map
 lookup, then decides in that zone's chain. Profile rules become set elements, not rules, so a profile of ten
-thousand CIDRs costs the data path a lookup, not ten thousand comparisons. A `nat` sandbox's policy lives in
-its host table (host_ruleset: forward and input chains matched on its veth, so no conntrack runs in its
-namespace); a `none` sandbox's in a table inside its namespace (sandbox_ruleset), in the same shape:
+thousand CIDRs costs the data path a lookup, not ten thousand comparisons:
 
-    DNS: every DNS packet -> the sandbox's resolver on its gateway (nat)
-    egress / output: established -> accept; cidr deny and denied-name sets -> reject;
+    output: loopback, established, DNS (the host redirects it to the sandbox's resolver) -> accept;
+            cidr deny and denied-name sets -> reject;
             daddr vmap @zone (host -> to_host, lan -> to_lan, other -> to_other), else to_internet
-    local (nat: what reaches the host itself): the resolver -> accept; deny sets -> reject; -> to_host
     to_ZONE: zone deny rules -> reject; granted name addresses (lan, internet) -> accept;
              cidr allow set -> accept (not to_host); zone allow rules -> accept; the profile's default
+
+The host's table for a `nat` sandbox (host_ruleset) redirects its DNS, masquerades it, and isolates it. The
+sandbox's table has no nat chain: a nat hook there would cost every new connection, where the host's
+conntrack, which NAT needs anyway, carries the redirect for nothing.
 """
 
 from __future__ import annotations
@@ -318,7 +319,7 @@ def _zone_maps(env: HostEnv, gateways: Sequence[str]) -> list[Cmd]:
 
 
 def _sets(profile: Profile, parts: Parts) -> list[Cmd]:
-    """The profile and grant sets, in TABLE (host_ruleset moves them into the sandbox's host table)."""
+    """The profile's address sets and the grant sets its resolver fills."""
     cmds: list[Cmd] = []
     for v in (4, 6):
         cmds.append(_span_set(f"denyaddr{v}", v, parts["deny", v][0]))
@@ -340,9 +341,8 @@ def _chain(name: str, kind: str | None = None, hook: str | None = None, prio: in
     return {"add": {"chain": spec}}
 
 
-def _classify(chain: str, profile: Profile, parts: Parts, local: bool) -> list[Cmd]:
-    """A new connection from the sandbox, after the fixed accepts: `ipv6: false`, the deny sets, then the zone
-    of its destination. `local`: it reached the host itself, so whatever its address, it is the host zone."""
+def _classify(chain: str, profile: Profile, parts: Parts) -> list[Cmd]:
+    """A new connection, after the fixed accepts: `ipv6: false`, the deny sets, then its destination's zone."""
     cmds: list[Cmd] = []
     if not profile.ipv6:  # the sandbox has no IPv6 route either; this keeps it so whatever it tries
         cmds.append(_rule(chain, _match(_meta("nfproto"), "ipv6"), _verdict("reject")))
@@ -354,34 +354,28 @@ def _classify(chain: str, profile: Profile, parts: Parts, local: bool) -> list[C
                               _verdict("reject")))
         if denied_names(profile):  # addresses learned for denied names, while they are known
             cmds.append(_rule(chain, _match(_daddr(v), f"@dnsdeny{v}"), _verdict("reject")))
-    if local:
-        cmds.append(_rule(chain, _verdict("goto", "to_host")))
-        return cmds
     for v in (4, 6):
         cmds.append(_rule(chain, {"vmap": {"key": _daddr(v), "data": f"@zone{v}"}}))
     cmds.append(_rule(chain, _verdict("goto", "to_internet")))
     return cmds
 
 
-def _dns_redirect(chain: str, resolvers: dict[int, str], *head: dict[str, Any]) -> list[Cmd]:
-    # Every DNS packet, to any address, goes to the sandbox's own resolver: choosing another resolver cannot
-    # get around a name rule. (DNS over TLS or HTTPS is ordinary traffic under the profile's rules.)
+def _dns_redirect(chain: str, table: str, resolvers: dict[int, str], *head: dict[str, Any]) -> list[Cmd]:
+    """Every DNS packet, to any address, to the sandbox's own resolver: choosing another resolver cannot get
+    around a name rule. (DNS over TLS or HTTPS is ordinary traffic under the profile's rules.)"""
     return [_rule(chain, *head, _match(_meta("nfproto"), "ipv4" if v == 4 else "ipv6"), DNS,
-                  {"dnat": {"family": "ip" if v == 4 else "ip6", "addr": addr}})
+                  {"dnat": {"family": "ip" if v == 4 else "ip6", "addr": addr}}, table=table)
             for v, addr in sorted(resolvers.items())]
 
 
 def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequence[str] = ()) -> list[Cmd]:
-    """The policy as a table inside the sandbox's own namespace: what a `network: none` sandbox loads. (A
-    `nat` sandbox's policy lives in its host table, host_ruleset, so that no conntrack runs in its namespace.)
-    `env` fills the host and lan sets at launch; without it (`nsfw rules`) they hold only what every machine
-    shares, so the output is the same everywhere."""
+    """The table loaded inside the sandbox's namespace. `env` fills the zone maps at launch; without it (`nsfw
+    rules`) they hold only what every machine shares, so the output is the same everywhere. `gateways`: where
+    the sandbox's resolvers listen (none for `network: none`)."""
     env = env or HostEnv()
     parts = _parts(profile)
     cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}, *_sets(profile, parts)]
     resolvers: dict[int, str] = {ipaddress.ip_address(g).version: g for g in gateways}
-    if resolvers:
-        cmds.append(_chain("dns", "nat", "output", -100))
     cmds += [_chain("output", "filter", "output", 0, "drop"), _chain("input", "filter", "input", 0, "drop")]
     cmds += [_chain(chain) for chain in ZONE_CHAINS]
     cmds += _zone_maps(env, gateways)
@@ -391,10 +385,12 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
         _rule("output", INVALID, _verdict("drop")),
         _rule("output", ND, _verdict("accept")),
     ]
-    cmds += _dns_redirect("dns", resolvers, _match(_meta("oif"), "lo", "!="))
-    for v, addr in sorted(resolvers.items()):
-        cmds.append(_rule("output", _match(_daddr(v), addr), DNS, _verdict("accept")))
-    cmds += _classify("output", profile, parts, local=False)
+    # Every DNS packet, to any address, reaches the sandbox's own resolver: the host table redirects it
+    # (host_ruleset), so choosing another resolver cannot get around a name rule.
+    for v in sorted(resolvers):
+        cmds.append(_rule("output", _match(_meta("nfproto"), "ipv4" if v == 4 else "ipv6"), DNS,
+                          _verdict("accept")))
+    cmds += _classify("output", profile, parts)
     for chain in ZONE_CHAINS:
         cmds += _zone_chain(chain, profile, parts)
     cmds += [
@@ -403,20 +399,20 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
         _rule("input", ND, _verdict("accept")),
         _rule("input", _verdict("drop")),
     ]
-    return _counted(cmds, {"output", *ZONE_CHAINS})
+    return _counted(cmds)
 
 
 COUNTERS = {"accept": "allowed", "reject": "denied"}
 
 
-def _counted(cmds: list[Cmd], chains: set[str]) -> list[Cmd]:
-    """Every accept and reject of what the sandbox sends (in `chains`), but loopback and neighbour discovery,
-    adds to one of two named counters, `allowed` and `denied`, which `nsfw ps` reads."""
+def _counted(cmds: list[Cmd]) -> list[Cmd]:
+    """Every verdict on what the sandbox sends, but loopback and neighbour discovery, adds to one of two named
+    counters, `allowed` and `denied`, which `nsfw ps` reads."""
     out: list[Cmd] = [cmds[0]]
     out += [{"add": {"counter": {"family": FAMILY, "table": TABLE, "name": n}}} for n in COUNTERS.values()]
     for cmd in cmds[1:]:
         rule = cmd.get("add", {}).get("rule")
-        if rule and rule["chain"] in chains and rule["expr"][0] not in (_match(_meta("oif"), "lo"), ND):
+        if rule and rule["chain"] != "input" and rule["expr"][0] not in (_match(_meta("oif"), "lo"), ND):
             verdict = next(iter(rule["expr"][-1]))
             exprs = [e for e in rule["expr"] if "counter" not in e]
             if verdict in COUNTERS:
@@ -425,103 +421,57 @@ def _counted(cmds: list[Cmd], chains: set[str]) -> list[Cmd]:
     return out
 
 
-def _retable(cmds: list[Cmd], table: str) -> list[Cmd]:
-    """The same commands aimed at `table` (the policy is built once, for whichever table holds it)."""
-    for cmd in cmds:
-        for body in cmd.values():
-            for kind, obj in body.items():
-                obj["name" if kind == "table" else "table"] = table
-    return cmds
-
-
 # ---------------------------------------------------------------------------------------------- host side
 
 
-def host_ruleset(inst: Instance, profile: Profile, env: HostEnv | None = None) -> list[Cmd]:
-    """The host's table for one `nat` sandbox, holding its whole policy, so the sandbox's own namespace needs
-    no table (no conntrack there: the host's, which NAT needs anyway, serves both):
-
-        prerouting (nat): every DNS packet from the veth -> the sandbox's resolver on its gateway
-        postrouting (nat): the sandbox's own source, masqueraded
-        forward: from the veth, its own address, established, not to another sandbox -> accept; else from
-                 the veth -> egress; into the veth: replies only
-        input: from the veth -> local; output: into the veth, replies and neighbour discovery only
-        egress: other sandboxes, spoofed sources, invalid -> drop; then, as inside a `none` sandbox: deny
-                sets -> reject; zone of the destination -> to_ZONE
-        local: replies, neighbour discovery, the resolver -> accept; deny sets -> reject; -> to_host
-        to_ZONE: as sandbox_ruleset's
-
-    `env` fills the host and lan sets at launch, as for sandbox_ruleset."""
-    env = env or HostEnv()
-    veth = inst.veth
-    iif, oif = _match(_meta("iifname"), veth), _match(_meta("oifname"), veth)
-    parts = _parts(profile)
+def host_ruleset(inst: Instance, profile: Profile) -> list[Cmd]:
+    """The host's table for one `nat` sandbox: every DNS packet to the sandbox's resolver, NAT out, nothing in,
+    no sandbox-to-sandbox, host closed."""
+    t, veth = inst.table, inst.veth
+    iif, oif = _meta("iifname"), _meta("oifname")
+    cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": t}}}]
+    for name, kind, hook, prio in (("prerouting", "nat", "prerouting", -100),
+                                   ("postrouting", "nat", "postrouting", 100), ("forward", "filter", "forward", 0),
+                                   ("input", "filter", "input", 0)):
+        cmds.append({"add": {"chain": {"family": FAMILY, "table": t, "name": name, "type": kind, "hook": hook,
+                                       "prio": prio, "policy": "accept"}}})
+    # Here rather than in the sandbox's namespace, where a nat hook would cost every new connection: the host's
+    # conntrack, which NAT needs anyway, carries the redirect.
+    resolvers: dict[int, str] = {v: str(gw.ip) for v, gw in ((4, inst.gateway4), (6, inst.gateway6)) if gw}
+    cmds += _dns_redirect("prerouting", t, resolvers, _match(iif, veth))
     own = {4: inst.address4, 6: inst.address6}
-    resolvers: dict[int, str] = {v: str(gw.ip) for v, gw in ((4, inst.gateway4), (6, inst.gateway6))
-                                 if gw is not None}
-    cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}, *_sets(profile, parts)]
-    cmds += [_chain("prerouting", "nat", "prerouting", -100), _chain("postrouting", "nat", "postrouting", 100),
-             _chain("forward", "filter", "forward", 0), _chain("input", "filter", "input", 0),
-             _chain("output", "filter", "output", 0), _chain("egress"), _chain("local")]
-    cmds += [_chain(chain) for chain in ZONE_CHAINS]
-    cmds += _zone_maps(env, list(resolvers.values()))
-    cmds += _dns_redirect("prerouting", resolvers, iif)
     for v, addr in own.items():
-        if addr is not None:
-            cmds.append(_rule("postrouting", _match(_saddr(v), str(addr.ip)), _match(_meta("oifname"), veth, "!="),
-                              {"masquerade": None}))
-    # The sandbox's established traffic, nearly all it sends, is accepted in one rule: from its own address
-    # (a spoofed source never matches, whatever conntrack holds), to anything but another sandbox.
-    for v, addr in own.items():
-        if addr is not None:
-            cmds.append(_rule("forward", iif, _match(_meta("oifname"), f"{PREFIX}*", "!="),
-                              _match(_saddr(v), str(addr.ip)), ESTABLISHED, {"counter": COUNTERS["accept"]},
-                              _verdict("accept")))
-    cmds += [
-        _rule("forward", iif, _verdict("goto", "egress")),
-        _rule("forward", oif, ESTABLISHED, _verdict("accept")),
-        _rule("forward", oif, _verdict("drop")),
-        _rule("input", iif, _verdict("goto", "local")),
-        # the host starts nothing into the sandbox: its replies (and rejects, which are related) go in
-        _rule("output", oif, ESTABLISHED, _verdict("accept")),
-        _rule("output", oif, ND, _verdict("accept")),
-        _rule("output", oif, _verdict("drop")),
-        _rule("egress", _match(_meta("oifname"), f"{PREFIX}*"), _verdict("drop")),  # no sandbox to sandbox
-    ]
+        if addr is None:
+            continue
+        cmds.append(_rule("postrouting", _match(_saddr(v), str(addr.ip)), _match(oif, veth, "!="),
+                          {"masquerade": None}, table=t))
+    cmds.append(_rule("forward", _match(iif, veth), _match(oif, f"{PREFIX}*"), _verdict("drop"), table=t))
     for v, addr in own.items():
         nfproto = _match(_meta("nfproto"), "ipv4" if v == 4 else "ipv6")
         if addr is None:
-            cmds.append(_rule("egress", nfproto, _verdict("drop")))
+            cmds.append(_rule("forward", _match(iif, veth), nfproto, _verdict("drop"), table=t))
         else:  # a sandbox cannot send as anybody else
-            cmds.append(_rule("egress", _match(_saddr(v), str(addr.ip), "!="), _verdict("drop")))
-    cmds.append(_rule("egress", INVALID, _verdict("drop")))
-    cmds += _classify("egress", profile, parts, local=False)
-    cmds += [_rule("local", ESTABLISHED, _verdict("accept")), _rule("local", ND, _verdict("accept")),
-             _rule("local", INVALID, _verdict("drop"))]
-    for v, addr in own.items():
-        nfproto = _match(_meta("nfproto"), "ipv4" if v == 4 else "ipv6")
-        if addr is None:
-            cmds.append(_rule("local", nfproto, _verdict("drop")))
-        else:
-            cmds.append(_rule("local", _match(_saddr(v), str(addr.ip), "!="), _verdict("drop")))
-    for v, gw in sorted(resolvers.items()):  # the resolver listens on the gateway; prerouting sent DNS there
-        cmds.append(_rule("local", _match(_daddr(v), gw), DNS, _verdict("accept")))
-    cmds += _classify("local", profile, parts, local=True)
-    for chain in ZONE_CHAINS:
-        cmds += _zone_chain(chain, profile, parts)
-    return _retable(_counted(cmds, {"egress", "local", *ZONE_CHAINS}), inst.table)
-
-
-def example_instance(profile: Profile) -> Instance:
-    """The first sandbox slot, with a fixed id: what `nsfw rules` shows, the same on every machine."""
-    return Instance("0" * 8, slot=0, ipv6=profile.ipv6)
-
-
-def ruleset(profile: Profile, inst: Instance, env: HostEnv | None = None) -> list[Cmd]:
-    """What `nsfw run` loads for `profile`: a `nat` sandbox's host table, or a `none` sandbox's own table."""
-    if profile.network == "nat":
-        return host_ruleset(inst, profile, env)
-    return sandbox_ruleset(profile, env)
+            cmds.append(_rule("forward", _match(iif, veth), _match(_saddr(v), str(addr.ip), "!="),
+                              _verdict("drop"), table=t))
+    cmds += [
+        _rule("forward", _match(oif, veth), ESTABLISHED, _verdict("accept"), table=t),
+        _rule("forward", _match(oif, veth), _verdict("drop"), table=t),
+        _rule("input", _match(iif, veth), ESTABLISHED, _verdict("accept"), table=t),
+        _rule("input", _match(iif, veth), ND, _verdict("accept"), table=t),
+    ]
+    # The sandbox's own table already enforces host rules; repeating them here keeps the host closed even if
+    # that table were somehow gone.
+    for rule in (_cells_rule("input", _zone_cells(profile.deny, "to_host"), "drop")
+                 + _cells_rule("input", _zone_cells(profile.allow, "to_host"), "accept")):
+        rule["add"]["rule"]["table"] = t
+        rule["add"]["rule"]["expr"].insert(0, _match(iif, veth))
+        cmds.append(rule)
+    for v, gw in ((4, inst.gateway4), (6, inst.gateway6)):
+        if gw is not None:  # the sandbox's resolver listens on its gateway
+            cmds.append(_rule("input", _match(iif, veth), _match(_daddr(v), str(gw.ip)), DNS, _verdict("accept"),
+                              table=t))
+    cmds.append(_rule("input", _match(iif, veth), _verdict("drop"), table=t))
+    return cmds
 
 
 GUARD_TABLE = f"{PREFIX}-guard"

@@ -17,8 +17,6 @@ def _counters(record: state.Record) -> dict[str, dict[str, int]]:
     from . import nft
     from .compile import TABLE
 
-    if record.table:  # a `nat` sandbox's policy, counters included, lives in its host table
-        return nft.named_counters(record.table)
     try:
         with nspath.entered(record.netns):
             return nft.named_counters(TABLE)

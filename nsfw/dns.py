@@ -1,9 +1,8 @@
 """Names inside a sandbox: what it sees (resolv.conf, nsswitch.conf), its resolver, and the granter.
 
 The resolver runs on the host side as nobody, with no capabilities, so it cannot touch nftables itself: for
-every address it is about to hand out for an allowed name, it asks the granter, a thread of the sandbox's root
-keeper, to add the address to that rule's set in the sandbox's host table (`inet nsfw-ID`, where a `nat`
-sandbox's whole policy lives) with a timeout. The
+every address it is about to hand out for an allowed name, it asks the granter, a thread of the root
+supervisor that lives in the sandbox's namespace, to add the address to that rule's set with a timeout. The
 granter checks each request (a known set, an IP address, a bounded timeout) and answers only once the kernel
 has the elements, so the app can connect the moment it has the answer.
 """
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import caps, launch, nft
-from .compile import FAMILY, grant_set, name_groups
+from .compile import FAMILY, TABLE, grant_set, name_groups
 from .errors import SetupError
 from .names import Instance, IPAddress
 from .profile import Profile
@@ -173,8 +172,8 @@ def ungrantable(host_addresses: Sequence[IPAddress]) -> Callable[[IPAddress], bo
 class Granter:
     """Root's half of an unprivileged resolver: adds checked addresses to this sandbox's grant sets."""
 
-    def __init__(self, table: str, groups: int, deny: bool, sock: socket.socket) -> None:
-        self.table, self.groups, self.deny, self.sock = table, groups, deny, sock
+    def __init__(self, netns_path: str, groups: int, deny: bool, sock: socket.socket) -> None:
+        self.netns_path, self.groups, self.deny, self.sock = netns_path, groups, deny, sock
         self.expiry: dict[tuple[str, str], float] = {}
         self.timeouts: dict[tuple[str, str], int] = {}  # the timeout last given to each element
         self.thread = threading.Thread(target=self._run, name="nsfw-granter", daemon=True)
@@ -185,6 +184,11 @@ class Granter:
     def _run(self) -> None:
         # Signals go to the supervisor's main thread, which relays them to COMMAND.
         signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        fd = os.open(self.netns_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            caps.setns(fd, caps.CLONE_NEWNET)  # this thread only
+        finally:
+            os.close(fd)
         while True:
             try:
                 msg = self.sock.recv(65536)
@@ -230,20 +234,19 @@ class Granter:
         if READD_REFRESHES:
             todo = {k: t + 1 if self.timeouts.get(k) == t else t for k, t in todo.items()}
         live = [] if READD_REFRESHES else [k for k in todo if self.expiry.get(k, 0) > now + 0.5]
-        cmds = [_element(self.table, "delete", k) for k in live] + [_element(self.table, "add", k, t)
-                                                                     for k, t in todo.items()]
+        cmds = [_element("delete", k) for k in live] + [_element("add", k, t) for k, t in todo.items()]
         try:
             nft.apply(cmds, "name grant")
         except SetupError:
-            nft.apply([_element(self.table, "add", k, t) for k, t in todo.items()], "name grant")
+            nft.apply([_element("add", k, t) for k, t in todo.items()], "name grant")
         for k, t in todo.items():
             self.expiry[k] = now + t
             self.timeouts[k] = t
 
 
-def _element(table: str, op: str, key: tuple[str, str], timeout: int | None = None) -> dict[str, Any]:
+def _element(op: str, key: tuple[str, str], timeout: int | None = None) -> dict[str, Any]:
     value: Any = key[1] if timeout is None else {"elem": {"val": key[1], "timeout": timeout}}
-    return {op: {"element": {"family": FAMILY, "table": table, "name": key[0], "elem": [value]}}}
+    return {op: {"element": {"family": FAMILY, "table": TABLE, "name": key[0], "elem": [value]}}}
 
 
 # ---------------------------------------------------------------------------------------------- the resolver
@@ -289,7 +292,8 @@ def _remote_grant(sock: socket.socket) -> Callable[[Sequence[Any]], None]:
     return grant
 
 
-def start(inst: Instance, profile: Profile, host_addresses: Sequence[IPAddress], log_path: str) -> Resolver:
+def start(inst: Instance, netns_path: str, profile: Profile, host_addresses: Sequence[IPAddress],
+          log_path: str) -> Resolver:
     """Fork the sandbox's resolver: it binds port 53 on the gateway addresses, drops to nobody, and serves."""
     from .resolver.policy import Policy
     from .resolver.upstream import read_resolv_conf
@@ -329,7 +333,7 @@ def start(inst: Instance, profile: Profile, host_addresses: Sequence[IPAddress],
             os._exit(code)
     theirs.close()
     os.close(ready_w)
-    granter = Granter(inst.table, len(name_groups(profile)), any(r.kind == "host" for r in profile.deny), ours)
+    granter = Granter(netns_path, len(name_groups(profile)), any(r.kind == "host" for r in profile.deny), ours)
     resolver = Resolver(pid, granter)
     try:
         import select

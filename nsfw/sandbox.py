@@ -212,8 +212,7 @@ def _setup(stack: ExitStack, profile: Profile, argv: Sequence[str], user: launch
         _fault("veth")
         netns.configure_host_side(inst.veth, inst.gateway4, inst.gateway6)
         stack.callback(nft.delete_table, inst.table)
-        # the whole policy: in the host's table, the sandbox's namespace needs none (and runs no conntrack)
-        nft.apply(rules.host_ruleset(inst, profile, env), "host-side ruleset")
+        nft.apply(rules.host_ruleset(inst, profile), "host-side ruleset")
         _fault("host-rules")
         forwarding.enable(inst.ipv6)
         _fault("forwarding")
@@ -223,14 +222,13 @@ def _setup(stack: ExitStack, profile: Profile, argv: Sequence[str], user: launch
     log = dns.write_files(files, gateways[0] if gateways else None, user)
     netns.configure_sandbox_side(inst.netns, inst.address4 if nat else None, inst.gateway4 if nat else None,
                                  inst.address6, inst.gateway6)
-    if not nat:
-        with netns.entered(inst.netns):
-            nft.apply(rules.sandbox_ruleset(profile), "sandbox ruleset")
+    with netns.entered(inst.netns):
+        nft.apply(rules.sandbox_ruleset(profile, env, gateways), "sandbox ruleset")
     _fault("sandbox-rules")
 
     def start_owned() -> None:  # in the keeper: the resolver is its child, the granter its thread
         if nat:
-            dns.start(inst, profile, env.addresses, log).granter.start()
+            dns.start(inst, netns.path(inst.netns), profile, env.addresses, log).granter.start()
 
     kept = _start_keeper(record, start_owned)
     stack.callback(kept.kill)

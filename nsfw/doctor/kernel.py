@@ -89,9 +89,10 @@ def _real_rulesets() -> list[tuple[str, list[dict[str, Any]]]]:
         deny=(Rule("zone", "lan"), Rule("host", "ads.example.org")))
     env = HostEnv(addresses=(ipaddress.ip_address("192.168.1.10"),),
                   connected=(ipaddress.ip_network("192.168.1.0/24"),), default6=True)
-    return [("nsfw's host-side table (a nat sandbox's policy)", rules.host_ruleset(SAMPLE, profile, env)),
+    gateways = [str(a.ip) for a in (SAMPLE.gateway4, SAMPLE.gateway6) if a]
+    return [("nsfw's host-side table", rules.host_ruleset(SAMPLE, profile)),
             ("nsfw's forwarding guard", rules.guard_ruleset()),
-            ("nsfw's sandbox table (network: none)", rules.sandbox_ruleset(profile, env))]
+            ("nsfw's sandbox table", rules.sandbox_ruleset(profile, env, gateways))]
 
 
 def _kernel_child() -> dict[str, Any]:  # pragma: no cover - runs in the forked child

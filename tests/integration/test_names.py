@@ -179,7 +179,7 @@ def live(world: Any, profile: str,
 
 
 def grant_set(world: Any, record: dict[str, Any], name: str) -> list[dict[str, Any]]:
-    done = world.run(["nft", "-j", "list", "set", "inet", record["table"], name])  # the policy is on the host
+    done = world.run(["ip", "netns", "exec", record["netns"], "nft", "-j", "list", "set", "inet", "nsfw", name])
     sets = [x["set"] for x in json.loads(done.stdout)["nftables"] if "set" in x]
     return [e["elem"] for e in sets[0].get("elem", [])]
 
