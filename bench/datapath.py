@@ -10,7 +10,7 @@ zone and grant lookups: the longest path a new connection takes to be accepted.
 
 Contenders, interleaved round by round (so a slow moment of the machine costs each alike):
   unfiltered   a namespace the bench builds on the world's host: veth pair, NAT, no filter rules at all
-  nsfw         the sandbox (its own table, its host-side table, NAT)
+  nsfw         the sandbox (its own table, its host-side table with the DNS redirect and NAT)
   nfq verdict  a namespace like the unfiltered one whose SYNs go to NFQUEUE, accepted by Python (bench/nfq.py)
   nfq + /proc  the same, but each verdict first finds the owning process in /proc, as OpenSnitch does
 Load: bench/c/connrate (epoll, CONC connections in flight, each reset once established) against bench/c/connsrv;
@@ -58,12 +58,13 @@ def ct_tune(w: Any, ns: str | None) -> None:
 
 
 def set_sizes(w: Any, netns: str) -> dict[str, int]:
-    """Elements in each set of the sandbox's table (an interval counts its start only)."""
+    """Elements in each set and map of the sandbox's table (an interval counts its start only)."""
     r = c.wrun(w, ["ip", "netns", "exec", netns, "nft", "-j", "list", "table", "inet", "nsfw"])
     out = {}
     for item in json.loads(r.stdout)["nftables"]:
-        if "set" in item:
-            out[item["set"]["name"]] = len(item["set"].get("elem", []))
+        for kind in ("set", "map"):
+            if kind in item:
+                out[item[kind]["name"]] = len(item[kind].get("elem", []))
     return out
 
 

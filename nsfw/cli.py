@@ -242,6 +242,8 @@ def _name_comments(prof: profiles.Profile) -> str:
     from .compile import grant_set, name_groups
 
     lines = [f"# profile {prof.name}, sha256 {prof.sha256[:16]}"]
+    if prof.network == "nat":
+        lines.append("# every DNS packet goes to the sandbox's resolver (redirected by its host table, inet nsfw-ID)")
     for i, group in enumerate(name_groups(prof)):
         names = ", ".join(r.value for r in group)
         lines.append(f"# names whose addresses go into @{grant_set(i, 4)}/@{grant_set(i, 6)}: {names}")

@@ -1,14 +1,18 @@
 """Profile -> nftables rulesets as libnftables JSON commands. Pure: no kernel, deterministic output.
 
-The sandbox's table classifies each new outbound connection's destination into a zone with a few set lookups,
-then decides in that zone's chain. Profile rules become set elements, not rules, so a profile of ten thousand
-CIDRs costs the data path a lookup, not ten thousand comparisons:
+The sandbox's table classifies each new outbound connection's destination into a zone with one verdict-map
+lookup, then decides in that zone's chain. Profile rules become set elements, not rules, so a profile of ten
+thousand CIDRs costs the data path a lookup, not ten thousand comparisons:
 
-    dns (nat): every DNS packet -> the sandbox's resolver on its gateway
-    output: loopback, established, the resolver -> accept; cidr deny and denied-name sets -> reject;
-            daddr in @host -> to_host | @lan -> to_lan | @other -> to_other | else to_internet
+    output: loopback, established, DNS (the host redirects it to the sandbox's resolver) -> accept;
+            cidr deny and denied-name sets -> reject;
+            daddr vmap @zone (host -> to_host, lan -> to_lan, other -> to_other), else to_internet
     to_ZONE: zone deny rules -> reject; granted name addresses (lan, internet) -> accept;
              cidr allow set -> accept (not to_host); zone allow rules -> accept; the profile's default
+
+The host's table for a `nat` sandbox (host_ruleset) redirects its DNS, masquerades it, and isolates it. The
+sandbox's table has no nat chain: a nat hook there would cost every new connection, where the host's
+conntrack, which NAT needs anyway, carries the redirect for nothing.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ def _saddr(version: int) -> dict[str, Any]:
 
 PROTO_PORT = {"concat": [_meta("l4proto"), _payload("th", "dport")]}
 ESTABLISHED = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
+INVALID = _match({"ct": {"key": "state"}}, "invalid", "in")
 ND = _match(_payload("icmpv6", "type"), {"set": ND_TYPES})
 DNS = _match(PROTO_PORT, {"set": [{"concat": ["udp", 53]}, {"concat": ["tcp", 53]}]})
 
@@ -319,18 +324,50 @@ def _zone_chain(chain: str, profile: Profile, parts: Parts) -> list[Cmd]:
     return rules
 
 
-def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequence[str] = ()) -> list[Cmd]:
-    """The table loaded inside the sandbox's namespace. `env` fills the host and lan sets at launch; without it
-    (`nsfw rules`) they hold only what every machine shares, so the output is the same everywhere."""
-    env = env or HostEnv()
-    parts = _parts(profile)
+ZONE_ORDER = ("host", "lan", "other")  # where zones overlap, the first wins: the host's own 192.168.1.10 is host
+
+
+def zone_spans(spans: Sequence[Iterable[Span]]) -> list[tuple[Span, int]]:
+    """Disjoint address spans, each labelled with the index of the first of `spans` that covers it (an
+    interval map refuses overlapping elements); addresses none covers are left out."""
+    labelled = [(lo, hi, rank) for rank, group in enumerate(spans) for lo, hi in group]
+    cuts = sorted({p for lo, hi, _r in labelled for p in (lo, hi + 1)})
+    out: list[tuple[Span, int]] = []
+    for lo, nxt in pairwise(cuts):
+        ranks = [r for a, b, r in labelled if a <= lo and nxt - 1 <= b]
+        if not ranks:
+            continue
+        rank = min(ranks)
+        if out and out[-1][1] == rank and out[-1][0][1] + 1 == lo:
+            out[-1] = ((out[-1][0][0], nxt - 1), rank)
+        else:
+            out.append(((lo, nxt - 1), rank))
+    return out
+
+
+def _zone_map(version: int, nets: Sequence[Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]]) -> Cmd:
+    """Destination address -> `goto to_ZONE` in one lookup; what no zone holds is the internet."""
+    spans = zone_spans([[_span(n) for n in group if n.version == version] for group in nets])
+    spec: dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": f"zone{version}",
+                            "type": "ipv4_addr" if version == 4 else "ipv6_addr", "map": "verdict",
+                            "flags": ["interval"]}
+    if spans:
+        spec["elem"] = [[_addr_elem(span, version), _verdict("goto", f"to_{ZONE_ORDER[rank]}")]
+                        for span, rank in spans]
+    return {"add": {"map": spec}}
+
+
+def _zone_maps(env: HostEnv, gateways: Sequence[str]) -> list[Cmd]:
+    """Loaded after the zone chains, which their elements name."""
     host_nets = [ipaddress.ip_network(a) for a in (*env.addresses, *map(ipaddress.ip_address, gateways))]
     lan_nets = _networks(LAN4 + LAN6) + list(env.connected)
-    cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}]
+    return [_zone_map(v, [host_nets, lan_nets, _networks(OTHER4 if v == 4 else OTHER6)]) for v in (4, 6)]
+
+
+def _sets(profile: Profile, parts: Parts) -> list[Cmd]:
+    """The profile's address sets and the grant sets its resolver fills."""
+    cmds: list[Cmd] = []
     for v in (4, 6):
-        cmds.append(_addr_set(f"host{v}", v, host_nets))
-        cmds.append(_addr_set(f"lan{v}", v, lan_nets))
-        cmds.append(_addr_set(f"other{v}", v, _networks(OTHER4 if v == 4 else OTHER6)))
         cmds.append(_span_set(f"denyaddr{v}", v, parts["deny", v][0]))
         cmds.append(_span_set(f"allowaddr{v}", v, parts["allow", v][0]))
         cmds.append(_concat_set(f"deny{v}", v, parts["deny", v][1]))
@@ -339,47 +376,69 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
             cmds.append(_timeout_set(grant_set(i, v), v))
         if denied_names(profile):
             cmds.append(_timeout_set(f"dnsdeny{v}", v))
-    resolvers = {ipaddress.ip_address(g).version: g for g in gateways}
-    if resolvers:
-        cmds.append({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": "dns", "type": "nat",
-                                       "hook": "output", "prio": -100, "policy": "accept"}}})
-    for name, hook in (("output", "output"), ("input", "input")):
-        cmds.append({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": name, "type": "filter",
-                                       "hook": hook, "prio": 0, "policy": "drop"}}})
-    for chain in ZONE_CHAINS:
-        cmds.append({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": chain}}})
+    return cmds
 
+
+def _chain(name: str, kind: str | None = None, hook: str | None = None, prio: int = 0,
+           policy: str = "accept") -> Cmd:
+    spec: dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": name}
+    if kind and hook:
+        spec.update(type=kind, hook=hook, prio=prio, policy=policy)
+    return {"add": {"chain": spec}}
+
+
+def _classify(chain: str, profile: Profile, parts: Parts) -> list[Cmd]:
+    """A new connection, after the fixed accepts: `ipv6: false`, the deny sets, then its destination's zone."""
+    cmds: list[Cmd] = []
+    if not profile.ipv6:  # the sandbox has no IPv6 route either; this keeps it so whatever it tries
+        cmds.append(_rule(chain, _match(_meta("nfproto"), "ipv6"), _verdict("reject")))
+    for v in (4, 6):
+        if parts["deny", v][0]:
+            cmds.append(_rule(chain, _match(_daddr(v), f"@denyaddr{v}"), _verdict("reject")))
+        if parts["deny", v][1]:
+            cmds.append(_rule(chain, _match({"concat": [_daddr(v), *PROTO_PORT["concat"]]}, f"@deny{v}"),
+                              _verdict("reject")))
+        if denied_names(profile):  # addresses learned for denied names, while they are known
+            cmds.append(_rule(chain, _match(_daddr(v), f"@dnsdeny{v}"), _verdict("reject")))
+    for v in (4, 6):
+        cmds.append(_rule(chain, {"vmap": {"key": _daddr(v), "data": f"@zone{v}"}}))
+    cmds.append(_rule(chain, _verdict("goto", "to_internet")))
+    return cmds
+
+
+def _dns_redirect(chain: str, table: str, resolvers: dict[int, str], *head: dict[str, Any]) -> list[Cmd]:
+    """Every DNS packet, to any address, to the sandbox's own resolver: choosing another resolver cannot get
+    around a name rule. (DNS over TLS or HTTPS is ordinary traffic under the profile's rules.)"""
+    return [_rule(chain, *head, _match(_meta("nfproto"), "ipv4" if v == 4 else "ipv6"), DNS,
+                  {"dnat": {"family": "ip" if v == 4 else "ip6", "addr": addr}}, table=table)
+            for v, addr in sorted(resolvers.items())]
+
+
+def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequence[str] = ()) -> list[Cmd]:
+    """The table loaded inside the sandbox's namespace. `env` fills the zone maps at launch; without it (`nsfw
+    rules`) they hold only what every machine shares, so the output is the same everywhere. `gateways`: where
+    the sandbox's resolvers listen (none for `network: none`)."""
+    env = env or HostEnv()
+    parts = _parts(profile)
+    cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}, *_sets(profile, parts)]
+    resolvers: dict[int, str] = {ipaddress.ip_address(g).version: g for g in gateways}
+    cmds += [_chain("output", "filter", "output", 0, "drop"), _chain("input", "filter", "input", 0, "drop")]
+    cmds += [_chain(chain) for chain in ZONE_CHAINS]
+    cmds += _zone_maps(env, gateways)
     cmds += [
         _rule("output", _match(_meta("oif"), "lo"), _verdict("accept")),
         _rule("output", ESTABLISHED, _verdict("accept")),
-        _rule("output", _match({"ct": {"key": "state"}}, "invalid", "in"), _verdict("drop")),
+        _rule("output", INVALID, _verdict("drop")),
         _rule("output", ND, _verdict("accept")),
     ]
-    # Every DNS packet, to any address, goes to the sandbox's own resolver: choosing another resolver cannot
-    # get around a name rule. (DNS over TLS or HTTPS is ordinary traffic under the profile's rules.)
-    for v, addr in sorted(resolvers.items()):
-        nfproto = _match(_meta("nfproto"), "ipv4" if v == 4 else "ipv6")
-        cmds.append(_rule("dns", nfproto, _match(_meta("oif"), "lo", "!="), DNS,
-                          {"dnat": {"family": "ip" if v == 4 else "ip6", "addr": addr}}))
-        cmds.append(_rule("output", _match(_daddr(v), addr), DNS, _verdict("accept")))
-    if not profile.ipv6:  # the sandbox has no IPv6 route either; this keeps it so whatever it tries
-        cmds.append(_rule("output", _match(_meta("nfproto"), "ipv6"), _verdict("reject")))
-    for v in (4, 6):
-        if parts["deny", v][0]:
-            cmds.append(_rule("output", _match(_daddr(v), f"@denyaddr{v}"), _verdict("reject")))
-        if parts["deny", v][1]:
-            cmds.append(_rule("output", _match({"concat": [_daddr(v), *PROTO_PORT["concat"]]}, f"@deny{v}"),
-                              _verdict("reject")))
-        if denied_names(profile):  # addresses learned for denied names, while they are known
-            cmds.append(_rule("output", _match(_daddr(v), f"@dnsdeny{v}"), _verdict("reject")))
-    for zone in ("host", "lan", "other"):
-        for v in (4, 6):
-            cmds.append(_rule("output", _match(_daddr(v), f"@{zone}{v}"), _verdict("goto", f"to_{zone}")))
-    cmds.append(_rule("output", _verdict("goto", "to_internet")))
-
+    # Every DNS packet, to any address, reaches the sandbox's own resolver: the host table redirects it
+    # (host_ruleset), so choosing another resolver cannot get around a name rule.
+    for v in sorted(resolvers):
+        cmds.append(_rule("output", _match(_meta("nfproto"), "ipv4" if v == 4 else "ipv6"), DNS,
+                          _verdict("accept")))
+    cmds += _classify("output", profile, parts)
     for chain in ZONE_CHAINS:
         cmds += _zone_chain(chain, profile, parts)
-
     cmds += [
         _rule("input", _match(_meta("iif"), "lo"), _verdict("accept")),
         _rule("input", ESTABLISHED, _verdict("accept")),
@@ -412,14 +471,20 @@ def _counted(cmds: list[Cmd]) -> list[Cmd]:
 
 
 def host_ruleset(inst: Instance, profile: Profile) -> list[Cmd]:
-    """The host's table for one `nat` sandbox: NAT out, nothing in, no sandbox-to-sandbox, host closed."""
+    """The host's table for one `nat` sandbox: every DNS packet to the sandbox's resolver, NAT out, nothing in,
+    no sandbox-to-sandbox, host closed."""
     t, veth = inst.table, inst.veth
     iif, oif = _meta("iifname"), _meta("oifname")
     cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": t}}}]
-    for name, kind, hook, prio in (("postrouting", "nat", "postrouting", 100), ("forward", "filter", "forward", 0),
+    for name, kind, hook, prio in (("prerouting", "nat", "prerouting", -100),
+                                   ("postrouting", "nat", "postrouting", 100), ("forward", "filter", "forward", 0),
                                    ("input", "filter", "input", 0)):
         cmds.append({"add": {"chain": {"family": FAMILY, "table": t, "name": name, "type": kind, "hook": hook,
                                        "prio": prio, "policy": "accept"}}})
+    # Here rather than in the sandbox's namespace, where a nat hook would cost every new connection: the host's
+    # conntrack, which NAT needs anyway, carries the redirect.
+    resolvers: dict[int, str] = {v: str(gw.ip) for v, gw in ((4, inst.gateway4), (6, inst.gateway6)) if gw}
+    cmds += _dns_redirect("prerouting", t, resolvers, _match(iif, veth))
     own = {4: inst.address4, 6: inst.address6}
     for v, addr in own.items():
         if addr is None:

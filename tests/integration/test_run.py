@@ -56,6 +56,27 @@ def test_blocked_connections_fail_at_once(world: Any) -> None:
     assert time.monotonic() - start < 1.5, "a blocked connection should not wait for a timeout"
 
 
+BURST = """
+import errno, socket, sys
+codes = []
+for port in range(1000, 1020):
+    s = socket.socket(); s.settimeout(3)
+    codes.append(s.connect_ex((sys.argv[1], port)))
+    s.close()
+print(" ".join(errno.errorcode.get(c, str(c)) for c in codes))
+"""
+
+
+@pytest.mark.parametrize(("addr", "error"), [("10.77.0.10", "EHOSTUNREACH"), ("fd77::10", "EACCES")])
+def test_a_burst_of_blocked_connections_all_fail_at_once(world: Any, addr: str, error: str) -> None:
+    """Every reject is answered, however many come at once: generated inside the sandbox, where the error goes
+    over loopback, not by the host, whose ICMP rate limit (a burst of 6, then 1/s per destination) would leave
+    the rest waiting for a timeout."""
+    done = run(world, "default", PY, "-c", BURST.replace("socket.socket()", "socket.socket(socket.AF_INET6)")
+               if ":" in addr else BURST, addr)
+    assert done.stdout.split() == [error] * 20, done.stdout + done.stderr  # admin-prohibited, as IPv4 and IPv6 say it
+
+
 def test_ipv6_through_nat(world: Any) -> None:
     code, out = probe(world, "default", "tcp", "2001:db8::10", 443)
     assert code == REACHED and out.endswith("from 2001:db8:ff::2"), out

@@ -225,6 +225,7 @@ class Index:
         self.rules: dict[tuple[str, str], list[list[dict[str, Any]]]] = {}
         self.sets: dict[tuple[str, str], tuple[list[str], list[Any]]] = {}
         self.policy: dict[tuple[str, str], str] = {}
+        self.maps: dict[tuple[str, str], tuple[list[str], list[Any]]] = {}
         for c in cmds:
             ((what, body),) = c["add"].items() if "add" in c else (("other", None),)
             if what == "rule":
@@ -232,6 +233,9 @@ class Index:
             elif what == "set":
                 types = body["type"] if isinstance(body["type"], list) else [body["type"]]
                 self.sets[(body["table"], body["name"])] = ([SET_KINDS[t] for t in types], body.get("elem", []))
+            elif what == "map":
+                assert body["map"] == "verdict", body
+                self.maps[(body["table"], body["name"])] = ([SET_KINDS[body["type"]]], body.get("elem", []))
             elif what == "chain" and "policy" in body:
                 self.policy[(body["table"], body["name"])] = body["policy"]
 
@@ -271,7 +275,8 @@ def _matches(m: dict[str, Any], p: Pkt, ix: Index, table: str) -> bool:
 
 
 def run_chain(cmds: list[Cmd], chain: str, p: Pkt, table: str = nc.TABLE, depth: int = 0) -> str | None:
-    """The verdict `chain` gives `p`, None when it falls off the end. 'masquerade' counts as a verdict."""
+    """The verdict `chain` gives `p`, None when it falls off the end. 'masquerade' and 'dnat' count as
+    verdicts."""
     assert depth < 10
     ix = index(cmds)
     for expr in ix.rules.get((table, chain), []):
@@ -281,6 +286,14 @@ def run_chain(cmds: list[Cmd], chain: str, p: Pkt, table: str = nc.TABLE, depth:
                     break
             elif "counter" in stmt:
                 continue
+            elif "vmap" in stmt:
+                hit = _map_lookup(ix, table, stmt["vmap"], p)
+                if hit is None:  # no element: the rule does nothing
+                    break
+                r = run_chain(cmds, (hit.get("goto") or hit["jump"])["target"], p, table, depth + 1)
+                if "goto" in hit or r is not None:
+                    return r
+                break
             elif "goto" in stmt or "jump" in stmt:
                 r = run_chain(cmds, (stmt.get("goto") or stmt["jump"])["target"], p, table, depth + 1)
                 if "goto" in stmt or r is not None:
@@ -288,8 +301,22 @@ def run_chain(cmds: list[Cmd], chain: str, p: Pkt, table: str = nc.TABLE, depth:
                 break
             else:
                 (v,) = stmt
-                assert v in ("accept", "drop", "reject", "masquerade"), stmt
+                assert v in ("accept", "drop", "reject", "masquerade", "dnat"), stmt
                 return v
+    return None
+
+
+def _map_lookup(ix: Index, table: str, vmap: dict[str, Any], p: Pkt) -> dict[str, Any] | None:
+    """The verdict a verdict map gives `p`'s key, None when no element holds it (or the key does not apply)."""
+    value = _value(vmap["key"], p)
+    if value is NOMATCH:
+        return None
+    kinds, elems = ix.maps[(table, vmap["data"][1:])]
+    assert kinds == [_kind(vmap["key"])], (vmap, kinds)
+    for key, verdict_ in elems:
+        lo, hi = _elem_span(key, kinds[0], p.version)
+        if lo <= value <= hi:
+            return dict(verdict_)
     return None
 
 
@@ -329,8 +356,8 @@ def spec_zone(addr: int, version: int, env: HostEnv, gateways: Sequence[str]) ->
 def spec_verdict(pr: Profile, p: Pkt, env: HostEnv | None = None, gateways: Sequence[str] = ()) -> str:
     """The profile spec, read literally, for a new outgoing connection."""
     env = env or HostEnv()
-    gws = {int(ipaddress.ip_address(g)) for g in gateways if ipaddress.ip_address(g).version == p.version}
-    if p.daddr in gws and p.proto in (6, 17) and p.dport == 53:  # the sandbox's own resolver, always
+    resolver = any(ipaddress.ip_address(g).version == p.version for g in gateways)
+    if resolver and p.proto in (6, 17) and p.dport == 53:  # any DNS: the host sends it to the sandbox's resolver
         return "accept"
     if p.version == 6 and not pr.ipv6:  # `ipv6: false`: no IPv6 at all
         return "deny"
@@ -484,6 +511,29 @@ def test_denies_come_before_allows_in_every_zone_chain() -> None:
     # the cidr denies sit in output, ahead of every goto into a zone chain
     outv = [verdict(e) for e in chain_rules(nc.sandbox_ruleset(prof(["internet"], ["192.0.2.0/24"])), "output")]
     assert outv.index("deny", 3) < outv.index("goto")
+
+
+def test_zone_spans_are_disjoint_and_the_first_zone_wins() -> None:
+    assert nc.zone_spans([[(5, 5)], [(0, 9), (20, 29)], [(8, 12)]]) == [
+        ((0, 4), 1), ((5, 5), 0), ((6, 9), 1), ((10, 12), 2), ((20, 29), 1)]
+    assert nc.zone_spans([[], [(0, 3), (4, 7)], []]) == [((0, 7), 1)]  # neighbours of one zone merge
+    assert nc.zone_spans([[], [], []]) == []
+    rng = random.Random(5)
+    for _ in range(200):
+        groups = [[(lo, lo + rng.randrange(8)) for lo in rng.sample(range(40), rng.randrange(4))] for _ in range(3)]
+        got = nc.zone_spans(groups)
+        for a in range(50):
+            ranks = [r for r, g in enumerate(groups) if any(lo <= a <= hi for lo, hi in g)]
+            hits = [r for (lo, hi), r in got if lo <= a <= hi]
+            assert hits == ranks[:1], (groups, a)
+
+
+def test_one_lookup_classifies_a_destination() -> None:
+    cmds = nc.sandbox_ruleset(prof(["internet"]), ENV, GATEWAYS)
+    vmaps = [e for e in chain_rules(cmds, "output") if mentions(e, "vmap")]
+    assert [e[0]["vmap"]["data"] for e in vmaps] == ["@zone4", "@zone6"]
+    elems = {json.dumps(k): v["goto"]["target"] for k, v in index(cmds).maps[(nc.TABLE, "zone4")][1]}
+    assert elems['"192.168.1.10"'] == "to_host" and elems['"10.213.0.1"'] == "to_host"  # inside lan networks
 
 
 def test_to_host_never_uses_the_cidr_allow_sets() -> None:
@@ -703,8 +753,8 @@ def test_host_table_names_and_hooks() -> None:
     assert cmds[0] == {"add": {"table": {"family": "inet", "name": INST.table}}}
     chains = {c["add"]["chain"]["name"]: c["add"]["chain"] for c in cmds if "chain" in c["add"]}
     assert {n: (c["type"], c["hook"], c["policy"]) for n, c in chains.items()} == {
-        "postrouting": ("nat", "postrouting", "accept"), "forward": ("filter", "forward", "accept"),
-        "input": ("filter", "input", "accept")}
+        "prerouting": ("nat", "prerouting", "accept"), "postrouting": ("nat", "postrouting", "accept"),
+        "forward": ("filter", "forward", "accept"), "input": ("filter", "input", "accept")}
     assert all(c["add"]["rule"]["table"] == INST.table for c in cmds if "rule" in c["add"])
 
 
@@ -788,6 +838,30 @@ def test_input_from_the_veth_only_for_host_zone_ports(allow: list[str], deny: li
 def test_host_input_respects_host_zone_denies() -> None:
     cmds, t = host(prof(["host"], ["{zone: host, ports: [22], proto: tcp}"])), INST.table
     assert run_hook(cmds, "input", pkt("10.213.0.21", "tcp", 22, saddr=OWN4, iif=INST.veth), t) == "drop"
+
+
+def test_every_dns_packet_from_the_sandbox_goes_to_its_resolver() -> None:
+    """On the host, so the sandbox's own namespace needs no nat hook (each costs every new connection)."""
+    cmds, t = host(prof(["internet"])), INST.table
+    gw = {4: str(INST.gateway4.ip), 6: str(INST.gateway6.ip)}  # type: ignore[union-attr]
+    for dst in ("8.8.8.8", "192.168.1.1", gw[4], "2606:4700::1111", gw[6]):
+        for proto in ("udp", "tcp"):
+            p = pkt(dst, proto, 53, saddr=OWN4 if "." in dst else OWN6, iif=INST.veth)
+            assert run_chain(cmds, "prerouting", p, t) == "dnat"
+            (rule,) = [e for e in chain_rules(cmds, "prerouting", t) if mentions(e, f"ipv{p.version}\"")]
+            assert rule[-1]["dnat"]["addr"] == gw[p.version]
+            assert run_chain(cmds, "prerouting", replace(p, dport=5353), t) is None
+            assert run_chain(cmds, "prerouting", replace(p, iif="eth0"), t) is None  # only the sandbox's
+    no6 = host(prof(["internet"]), Instance("0123abcd", slot=5))
+    assert run_chain(no6, "prerouting", pkt("2606:4700::1111", "udp", 53, iif=INST.veth), t) is None
+
+
+def test_the_sandbox_table_has_no_nat_hook() -> None:
+    for pr in (prof(["internet"]), prof(["example.org"], ["ads.example.org"], ipv6=False)):
+        cmds = nc.sandbox_ruleset(pr, ENV, GATEWAYS)
+        hooks = [c["add"]["chain"] for c in cmds if "chain" in c["add"] and "hook" in c["add"]["chain"]]
+        assert [(h["name"], h["type"]) for h in hooks] == [("output", "filter"), ("input", "filter")]
+        assert not any(mentions(c, "dnat") for c in cmds)
 
 
 def test_guard_ruleset() -> None:
