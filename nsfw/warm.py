@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import array
 import gc
-import json
 import os
 import signal
 import socket
 import struct
 import threading
 import time
-from typing import Any, NoReturn
+from typing import NoReturn
+
+from . import warmclient
 
 SOCKET = "/run/nsfw/warm.sock"
 MAX_REQUEST = 1 << 20
@@ -77,26 +78,26 @@ def _launch(conn: socket.socket) -> NoReturn:
         for level, kind, cdata in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
-        request: dict[str, Any] = json.loads(data)
+        argv, cwd, env = warmclient.decode(data)
         if len(fds) != 3:
             raise ValueError("a launch brings its three standard fds")
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
-        os.chdir(request["cwd"])
+        os.chdir(cwd)
         os.environ.clear()
-        os.environ.update(request["env"])
-        conn.send(json.dumps({"pid": os.getpid()}).encode())
+        os.environ.update(env)
+        conn.send(b"pid %d" % os.getpid())
         from . import sandbox
 
         sandbox._T0 = time.monotonic()  # a warm launch starts now, not when the daemon did
         threading.Thread(target=_die_with_client, args=(conn,), daemon=True).start()
-        code = _run_cli(request["argv"])
+        code = _run_cli(argv)
     except BaseException:
         code = 125
     finally:
         try:
-            conn.send(json.dumps({"exit": code}).encode())
+            conn.send(b"exit %d" % code)
         except OSError:
             pass
         os._exit(0)
