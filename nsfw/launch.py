@@ -12,6 +12,7 @@ import errno
 import os
 import pwd
 import signal
+import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -220,6 +221,10 @@ def spawn(
         os.close(read_end)
         _child(plan)
     os.close(write_end)
+    return _started(pid, read_end)
+
+
+def _started(pid: int, read_end: int) -> int:
     try:
         report = _read_all(read_end)
     finally:
@@ -228,6 +233,95 @@ def spawn(
         return pid
     os.waitpid(pid, 0)
     raise _report_to_error(report)
+
+
+@dataclass
+class Preforked:
+    """A child forked ahead of a launch (by the warm daemon's spare launcher), waiting for what spawn() would
+    have given it: forking a process with nsfw's heap costs milliseconds that a launch then does not pay."""
+
+    pid: int
+    sock: socket.socket  # the plan and the three standard fds go over it
+    report: int  # as in spawn(): EOF once COMMAND was exec'd, else the child's report
+
+    def close(self) -> None:
+        """Unused: the child sees EOF and leaves. Never raises."""
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            os.close(self.report)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
+def prefork() -> Preforked:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    read_end, write_end = os.pipe()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the waiting child
+        try:
+            os.close(read_end)
+            ours.close()
+            _preforked(theirs, write_end, parent)
+        finally:
+            os._exit(EXIT_SETUP)
+    theirs.close()
+    os.close(write_end)
+    return Preforked(pid, ours, read_end)
+
+
+def spawn_preforked(child: Preforked, argv: Sequence[str], *, user: User, env: Mapping[str, str],
+                    netns: str | None, in_child: tuple[Callable[..., Callable[[], None]], tuple[str, ...]] | None
+                    ) -> int:
+    """spawn(), by a child forked ahead: it gets this process's fds 0-2, working directory and umask, and opens
+    the namespace at `netns`.
+    `in_child` is (factory, args), called in the child for the in_child step (a closure cannot be sent)."""
+    import array
+    import pickle  # the warm daemon's only: a cold run never imports it
+
+    if not argv:
+        raise ValueError("spawn() needs a command to run")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    message = pickle.dumps((list(argv), user, dict(env), netns, in_child, os.getcwd(), umask))
+    try:
+        child.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
+    except OSError as exc:
+        child.close()
+        raise SetupError(f"could not start a process for COMMAND: {exc}") from exc
+    child.sock.close()
+    return _started(child.pid, child.report)
+
+
+def _preforked(sock: socket.socket, report_fd: int, parent: int) -> NoReturn:
+    import array
+    import pickle
+
+    try:
+        message, ancdata, _flags, _addr = sock.recvmsg(1 << 22, socket.CMSG_SPACE(3 * 4))
+    except OSError:
+        os._exit(0)
+    if not message:
+        os._exit(0)  # the launcher left without a launch
+    try:
+        fds = array.array("i")
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        if len(fds) != 3:
+            raise ValueError("a launch brings its three standard fds")
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        argv, user, env, netns, factory, cwd, umask = pickle.loads(message)
+        os.chdir(cwd)  # what a child forked now would have inherited
+        os.umask(umask)
+        netns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC) if netns else None
+        in_child = factory[0](*factory[1]) if factory else None
+        plan = _Plan(argv, user, env, netns_fd, in_child, parent, report_fd)
+    except BaseException as exc:
+        _report(report_fd, EXIT_SETUP, f"internal error while starting COMMAND: {_describe(exc)}")
+        os._exit(EXIT_SETUP)
+    _child(plan)
 
 
 @dataclass(frozen=True)

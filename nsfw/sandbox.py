@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 from . import compile as rules
 from . import config, dns, forwarding, keeper, launch, netns, nft, reconcile, state
 from .errors import NsfwError, SetupError
-from .names import PREFIX, HostEnv, Instance, IPNetwork, allocate_slot, new_id
+from .names import PREFIX, HostEnv, Instance, IPAddress, IPNetwork, allocate_slot, new_id
 from .profile import Profile
 
 SETUP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
@@ -163,12 +163,17 @@ def _join(profile: Profile, argv: Sequence[str], user: launch.User, environ: Map
 
 
 def _spawn(record: state.Record, argv: Sequence[str], user: launch.User, environ: Mapping[str, str]) -> int:
-    fd = os.open(netns.path(record.netns), os.O_RDONLY | os.O_CLOEXEC)
+    global PREFORKED
+    files = state.sandbox_dir(record.id)
     # From here signals wait in the mask: wait_child relays whatever arrived while COMMAND was being started.
     signal.pthread_sigmask(signal.SIG_BLOCK, launch.DEFAULT_FORWARD)
+    if PREFORKED is not None:
+        child, PREFORKED = PREFORKED, None
+        return launch.spawn_preforked(child, argv, user=user, env=environ, netns=netns.path(record.netns),
+                                      in_child=(dns.bind_name_files, (files,)))
+    fd = os.open(netns.path(record.netns), os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return launch.spawn(argv, user=user, env=environ, netns_fd=fd,
-                            in_child=dns.bind_name_files(state.sandbox_dir(record.id)))
+        return launch.spawn(argv, user=user, env=environ, netns_fd=fd, in_child=dns.bind_name_files(files))
     finally:
         os.close(fd)
 
@@ -258,11 +263,7 @@ def _arm(stack: ExitStack, record: state.Record, inst: Instance, env: HostEnv, p
         nft.apply(rules.sandbox_ruleset(profile, env, gateways), "sandbox ruleset")
     _fault("sandbox-rules")
 
-    def start_owned() -> None:  # in the keeper: the resolver is its child, the granter its thread
-        if nat:
-            dns.start(inst, netns.path(inst.netns), profile, env.addresses, log).granter.start()
-
-    kept = _start_keeper(record, start_owned)
+    kept = _start_keeper(record, (inst, profile, env.addresses, log) if nat else None)
     stack.callback(kept.kill)
     record.keeper_pid, record.keeper_start = kept.pid, state.proc_start_time(kept.pid) or 0
     state.save(record)
@@ -279,6 +280,8 @@ def _arm(stack: ExitStack, record: state.Record, inst: Instance, env: HostEnv, p
 
 POOL_OWNER = 0  # in a warm launcher: the pid of the daemon whose pooled sandboxes it may take
 POOL_NOTIFY = -1  # and the pipe on which it tells the daemon what it took, to be built again
+PREFORKED: launch.Preforked | None = None  # in a warm launcher: COMMAND's process, forked ahead
+PREFORKED_KEEPER: Keeper | None = None  # and the keeper, waiting for its sandbox
 BLOCKERS_CHECKED: tuple[float, list[str]] | None = None  # the daemon's launch_blockers(), and when (monotonic)
 BLOCKERS_TTL = 5.0
 
@@ -346,7 +349,47 @@ def _release_on_failure(stack: ExitStack, record: state.Record, inst: Instance) 
         stack.callback(netns.delete_link, record.veth)
 
 
-def _start_keeper(record: state.Record, start_owned: Callable[[], None]) -> Keeper:
+def _start_owned(inst: Instance, profile: Profile, addresses: Sequence[IPAddress], log: str) -> None:
+    """In the keeper: the resolver is its child, the granter its thread."""
+    dns.start(inst, netns.path(inst.netns), profile, addresses, log).granter.start()
+
+
+Owned = tuple[Instance, Profile, tuple[IPAddress, ...], str] | None  # _start_owned's arguments; None: nothing
+
+
+def _start_keeper(record: state.Record, owned: Owned) -> Keeper:
+    global PREFORKED_KEEPER
+    if PREFORKED_KEEPER is not None:
+        kept, PREFORKED_KEEPER = PREFORKED_KEEPER, None
+        try:
+            keeper.send_sandbox(kept.to_keeper, record, owned)
+        except OSError:
+            kept.kill()
+            raise SetupError("the sandbox's keeper, started ahead, is gone") from None
+    else:
+        kept = _fork_keeper(lambda from_supervisor, to_supervisor: keeper.keep(
+            record, from_supervisor, to_supervisor, lambda: _start_owned(*owned) if owned else None))
+    ready, _w, _x = select.select([kept.from_keeper], [], [], KEEPER_TIMEOUT)
+    if not ready or os.read(kept.from_keeper, 16) != b"ready":
+        kept.kill()
+        raise SetupError("the sandbox's keeper did not start (its resolver could not bind port 53 on the "
+                         "gateway?); run `nsfw doctor`")
+    return kept
+
+
+def prefork_keeper() -> None:
+    """For a warm launcher, before its launch arrives: the keeper, forked now, waits to be told its sandbox."""
+    global PREFORKED_KEEPER
+
+    def wait(from_supervisor: int, to_supervisor: int) -> NoReturn:
+        keeper.close_all_but({from_supervisor, to_supervisor})  # what the launcher holds is not the keeper's
+        record, owned = keeper.receive_sandbox(from_supervisor)
+        keeper.keep(record, from_supervisor, to_supervisor, lambda: _start_owned(*owned) if owned else None)
+
+    PREFORKED_KEEPER = _fork_keeper(wait)
+
+
+def _fork_keeper(body: Callable[[int, int], NoReturn]) -> Keeper:
     to_r, to_w = os.pipe()
     from_r, from_w = os.pipe()
     pid = os.fork()
@@ -358,14 +401,9 @@ def _start_keeper(record: state.Record, start_owned: Callable[[], None]) -> Keep
             for fd in (0, 1, 2):  # it may outlive the terminal, and must not hold a pipe's end open
                 os.dup2(null, fd)
             os.close(null)
+            body(to_r, from_w)
         finally:
-            keeper.keep(record, to_r, from_w, start_owned)
+            os._exit(1)
     os.close(to_r)
     os.close(from_w)
-    kept = Keeper(pid, to_w, from_r)
-    ready, _w, _x = select.select([from_r], [], [], KEEPER_TIMEOUT)
-    if not ready or os.read(from_r, 16) != b"ready":
-        kept.kill()
-        raise SetupError("the sandbox's keeper did not start (its resolver could not bind port 53 on the "
-                         "gateway?); run `nsfw doctor`")
-    return kept
+    return Keeper(pid, to_w, from_r)

@@ -203,6 +203,10 @@ def _spare(listener: socket.socket, quit_r: int, notify_w: int) -> NoReturn:
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(s, signal.SIG_DFL)
         listener.setblocking(False)
+        from . import launch, sandbox
+
+        sandbox.PREFORKED = launch.prefork()  # COMMAND's process and the keeper: forked now, not on the launch's path
+        sandbox.prefork_keeper()
         deadline = time.monotonic() + SPARE_LIFETIME
         while True:
             ready, _w, _x = select.select([listener, quit_r], [], [], max(0.0, deadline - time.monotonic()))
@@ -281,13 +285,14 @@ def _launch(conn: socket.socket) -> NoReturn:
         for level, kind, cdata in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
-        argv, cwd, env = warmclient.decode(data)
+        argv, cwd, umask, env = warmclient.decode(data)
         if len(fds) != 3:
             raise ValueError("a launch brings its three standard fds")
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
         os.chdir(cwd)
+        os.umask(umask)
         os.environ.clear()
         os.environ.update(env)
         conn.send(b"pid %d" % os.getpid())

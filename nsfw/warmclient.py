@@ -31,20 +31,22 @@ def usable(argv: list[str]) -> bool:
     return True
 
 
-def encode(argv: list[str], cwd: bytes, environ: dict[bytes, bytes]) -> bytes:
-    """The request: version, cwd, argc, argv..., then NAME=VALUE entries, NUL-separated."""
-    fields = [VERSION, cwd, str(len(argv)).encode()]
+def encode(argv: list[str], cwd: bytes, umask: int, environ: dict[bytes, bytes]) -> bytes:
+    """The request: version, cwd, umask, argc, argv..., then NAME=VALUE entries, NUL-separated."""
+    fields = [VERSION, cwd, b"%o" % umask, str(len(argv)).encode()]
     fields += [a.encode("utf-8", "surrogateescape") for a in argv]
     fields += [k + b"=" + v for k, v in environ.items()]
     return b"\0".join(fields)
 
 
-def decode(data: bytes) -> tuple[list[str], str, dict[str, str]]:
-    """The daemon's side of encode(): (argv, cwd, environment). Raises ValueError on anything else."""
+def decode(data: bytes) -> tuple[list[str], str, int, dict[str, str]]:
+    """The daemon's side of encode(): (argv, cwd, umask, environment). Raises ValueError on anything else."""
     fields = data.split(b"\0")
-    if len(fields) < 3 or fields[0] != VERSION or not fields[2].isdigit():
+    if len(fields) < 4 or fields[0] != VERSION or not fields[3].isdigit():
         raise ValueError("not a launch request of this version of nsfw")
-    argc = int(fields[2])
+    umask = int(fields[2], 8) & 0o777
+    argc = int(fields[3])
+    fields = fields[:2] + fields[3:]  # as before the umask: argc at 2
     if len(fields) < 3 + argc:
         raise ValueError("a launch request cut short")
 
@@ -57,7 +59,7 @@ def decode(data: bytes) -> tuple[list[str], str, dict[str, str]]:
         name, sep, value = entry.partition(b"=")
         if sep and name:
             env[text(name)] = text(value)
-    return argv, text(fields[1]), env
+    return argv, text(fields[1]), umask, env
 
 
 def run(argv: list[str]) -> int | None:
@@ -66,7 +68,9 @@ def run(argv: list[str]) -> int | None:
     try:
         sock.connect(SOCKET)
         fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))
-        sock.sendmsg([encode(argv, posix.getcwdb(), posix.environ)],
+        umask = posix.umask(0o022)
+        posix.umask(umask)
+        sock.sendmsg([encode(argv, posix.getcwdb(), umask, posix.environ)],
                      [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
         first = sock.recv(64)
     except OSError:

@@ -199,3 +199,10 @@ def test_a_killed_daemon_leaves_a_pool_that_gc_removes(world: Any, daemon: Any) 
     assert records(world) == []  # ...until gc saw their owner was dead; the baseline checks the kernel objects
     assert warm(world, "-p", "offline", "--", "true").returncode == 0  # with no daemon: a cold launch
 
+
+
+def test_the_umask_and_cwd_travel_with_the_launch(world: Any, daemon: Any, tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    done = world.run(["sh", "-c", f"umask 027; exec {NSFW} run -p offline -- sh -c 'umask; pwd'"], env=ENV,
+                     stdin=subprocess.DEVNULL, cwd=str(tmp_path))
+    assert done.stdout.split() == ["0027", str(tmp_path)], done.stderr
