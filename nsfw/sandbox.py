@@ -259,12 +259,14 @@ def _arm(stack: ExitStack, record: state.Record, inst: Instance, env: HostEnv, p
     files = state.sandbox_dir(inst.id)
     stack.callback(state.drop_dir, inst.id)
     log = dns.write_files(files, gateways[0] if gateways else None, user)
+    # The keeper starts the resolver while the sandbox's ruleset goes in: on two cores, side by side.
+    kept = _start_keeper(record, (inst, profile, env.addresses, log) if nat else None)
+    stack.callback(kept.kill)
     with netns.entered(inst.netns):
         nft.apply(rules.sandbox_ruleset(profile, env, gateways), "sandbox ruleset")
     _fault("sandbox-rules")
 
-    kept = _start_keeper(record, (inst, profile, env.addresses, log) if nat else None)
-    stack.callback(kept.kill)
+    _await_keeper(kept)
     record.keeper_pid, record.keeper_start = kept.pid, state.proc_start_time(kept.pid) or 0
     state.save(record)
     _fault("keeper")
@@ -369,12 +371,16 @@ def _start_keeper(record: state.Record, owned: Owned) -> Keeper:
     else:
         kept = _fork_keeper(lambda from_supervisor, to_supervisor: keeper.keep(
             record, from_supervisor, to_supervisor, lambda: _start_owned(*owned) if owned else None))
+    return kept
+
+
+def _await_keeper(kept: Keeper) -> None:
+    """Until the keeper says it runs what it owns; on failure, removes it and raises."""
     ready, _w, _x = select.select([kept.from_keeper], [], [], KEEPER_TIMEOUT)
     if not ready or os.read(kept.from_keeper, 16) != b"ready":
         kept.kill()
         raise SetupError("the sandbox's keeper did not start (its resolver could not bind port 53 on the "
                          "gateway?); run `nsfw doctor`")
-    return kept
 
 
 def prefork_keeper() -> None:

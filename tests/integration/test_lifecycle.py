@@ -22,7 +22,7 @@ import pytest
 
 from nsfw.sandbox import SETUP_STEPS
 
-from .sandbox import NSFW, baseline, profile_dir, run, settle, snapshot_diff, write_profile
+from .sandbox import NSFW, ROOT, baseline, profile_dir, run, settle, snapshot_diff, write_profile
 
 __all__ = ["baseline", "profile_dir", "snapshot_diff"]  # fixtures, used by name
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="integration tests build namespaces: run as root")
@@ -287,3 +287,52 @@ def test_a_forward_drop_by_another_firewall_is_refused_at_launch(world: Any, tmp
         assert run(world, "offline", "true").returncode == 0  # no forwarding needed, nothing in the way
     finally:
         world.run(["nft", "delete", "table", "ip", "filter"])
+
+
+HOST_ENV_BOTH_WAYS = """
+import ipaddress, json, sys
+sys.path.insert(0, sys.argv[1])
+from pyroute2 import IPRoute
+from nsfw import netns
+with IPRoute() as ipr:
+    skip = {l["index"] for l in ipr.get_links() if (l.get_attr("IFLA_IFNAME") or "").startswith("nsfw")}
+    addrs = sorted({str(ipaddress.ip_address((a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")).split("%")[0]))
+                    for a in ipr.get_addr()})
+    routes, connected, default6 = [], [], False
+    for fam in (2, 10):
+        for r in ipr.get_routes(family=fam, table=254):
+            dst = r.get_attr("RTA_DST")
+            if not dst:
+                default6 = default6 or (fam == 10 and r["dst_len"] == 0)
+                continue
+            net = ipaddress.ip_network(f"{dst}/{r['dst_len']}", strict=False)
+            routes.append(str(net))
+            if (r.get_attr("RTA_GATEWAY") is None and r["type"] == 1 and r.get_attr("RTA_OIF") not in skip
+                    and not net.is_link_local):
+                connected.append(str(net))
+env = netns.host_env(exclude_prefix="nsfw")
+print(json.dumps([[addrs, sorted(set(connected)), sorted(routes), default6],
+                  [sorted(map(str, env.addresses)), sorted(map(str, env.connected)), sorted(map(str, env.routes)),
+                   env.default6]]))
+"""
+
+
+def test_the_host_is_read_as_pyroute2_reads_it(world: Any) -> None:
+    """netns.host_env speaks rtnetlink itself (launch speed): it must see what a full netlink library sees,
+    on-link routes, routes through a gateway, another table and a sandbox's own veth included."""
+    added = [["ip", "route", "add", "192.0.2.128/25", "dev", "lan0"],
+             ["ip", "route", "add", "203.0.113.0/24", "via", "10.77.0.10"],
+             ["ip", "route", "add", "198.51.100.0/24", "dev", "lan0", "table", "100"]]
+    for cmd in added:
+        assert world.run(cmd).returncode == 0
+    try:
+        with running(world, "-p", "default"):
+            done = world.run(["/usr/bin/python3", "-I", "-c", HOST_ENV_BOTH_WAYS, str(ROOT)])
+            assert done.returncode == 0, done.stderr
+            theirs, ours = json.loads(done.stdout)
+            assert ours == theirs
+            assert "192.0.2.128/25" in ours[1] and "203.0.113.0/24" not in ours[1] and "203.0.113.0/24" in ours[2]
+            assert "198.51.100.0/24" not in ours[2] and not any(n.startswith("10.213.") for n in ours[1])
+    finally:
+        for cmd in added:
+            world.run(["ip", "route", "del", *cmd[3:]])
