@@ -4,17 +4,18 @@ a launch pays neither for imports nor for namespaces and veths.
 A cold `nsfw run` spends most of its time importing (pyroute2 alone loads 63 plugins), then building kernel
 objects that the profile has no say in. The daemon imports everything once, and then keeps:
 
-- a spare launcher: a process forked from it, waiting in accept() on the socket, that becomes the launch's
+- two spare launchers: processes forked from it, waiting in accept() on the socket; one becomes the launch's
   supervisor. It runs exactly the code of a cold `nsfw run` (the same rules, keeper and clean-up) with the
   caller's arguments, environment, working directory and standard fds (passed over the socket), and sends
   back COMMAND's exit status. A spare lives SPARE_LIFETIME at most, so what it inherited (the firewall check
-  below) is never old;
+  below) is never old. Only the last spare is replaced at once; the rest of the daemon's work (another spare,
+  the pool) waits until launches have left the CPU alone for FILL_DELAY;
 - a pool of prebuilt sandboxes (sandbox.prebuild), POOL_SIZE of each kind launches asked for: a namespace with
   loopback up, none or nat, with the veth pair, its addresses and routes, and forwarding on. Each has a record
   that names the daemon as its owner, so `nsfw gc` removes it if the daemon dies, and ps, stop and joins
   ignore it. A launch takes one (sandbox._claim) and puts the profile's rulesets, keeper and COMMAND in it; an
-  empty pool only means the launcher builds the sandbox itself. The daemon refills the pool after the launch
-  has its sandbox, and removes what is left of it when it stops;
+  empty pool only means the launcher builds the sandbox itself. The daemon refills the pool (off the launch's
+  path, as above) and removes what is left of it when it stops;
 - the firewall check that a nat launch must pass (doctor.launch_blockers), done at most sandbox.BLOCKERS_TTL before
   the spare that uses it was forked. It only ever refuses a launch, so an answer a few seconds old can at
   worst start an app that a firewall added meanwhile blocks: what any launch racing that change would do.
@@ -45,6 +46,7 @@ from . import state, warmclient
 SOCKET = "/run/nsfw/warm.sock"
 MAX_REQUEST = 1 << 20
 POOL_SIZE = 2  # per kind: back-to-back launches of one kind find one ready while the other is rebuilt
+SPARES = 2  # a second launch arriving during the first finds one too
 SPARE_LIFETIME = 3.0
 RETRY_AFTER = 5.0  # after a failed prebuild: the pool is an optimization, never a busy loop
 FILL_DELAY = 0.1  # the pool is refilled once launches leave the CPU alone for this long (2 cores are common)
@@ -96,14 +98,16 @@ class Daemon:
             self._reap()
             self._refresh_blockers()
             now = time.monotonic()
-            if not self.spares:
+            # One spare at least, always, so that no launch waits for a fork; the second one, and the pool,
+            # once launches leave the CPU to themselves (a spare forks twice more as it starts).
+            if not self.spares or (len(self.spares) < SPARES and now >= self.quiet_from):
                 self._fork_spare()
             wait = max(0.05, min((t + SPARE_LIFETIME for t in self.spares.values()), default=now + 1) - now)
             if self.stopping:
                 return
             if now < self.quiet_from:
                 wait = min(wait, self.quiet_from - now)
-            elif self._fill_one():
+            elif len(self.spares) < SPARES or self._fill_one():  # more to do: go on at once
                 wait = 0
             try:
                 ready, _w, _x = select.select([self.notify_r], [], [], wait)
@@ -143,6 +147,8 @@ class Daemon:
             word, _sp, arg = line.partition(" ")
             if word == "took" and arg.isdigit():
                 self.spares.pop(int(arg), None)
+            elif word == "done":  # a launch is over: a good moment for the work put off meanwhile
+                pass
             elif word == "want" and arg in ("none", "nat", "nat6"):
                 self.kinds.setdefault(arg, POOL_SIZE)
 
@@ -308,6 +314,9 @@ def _launch(conn: socket.socket) -> NoReturn:
             conn.send(b"exit %d" % code)
         except OSError:
             pass
+        from . import sandbox
+
+        sandbox._say_to_pool(b"done\n")
         os._exit(0)
 
 
