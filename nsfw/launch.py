@@ -238,19 +238,55 @@ def _started(pid: int, read_end: int) -> int:
 @dataclass
 class Preforked:
     """A child forked ahead of a launch (by the warm daemon's spare launcher), waiting for what spawn() would
-    have given it: forking a process with nsfw's heap costs milliseconds that a launch then does not pay."""
+    have given it: forking a process with nsfw's heap costs milliseconds that a launch then does not pay.
+
+    prepare() sends the plan: the child enters the sandbox and drops its privileges while the launch loads
+    the rules, then waits. start() tells it to exec COMMAND, once everything COMMAND may rely on is in place."""
 
     pid: int
-    sock: socket.socket  # the plan and the three standard fds go over it
+    sock: socket.socket  # the plan and the three standard fds go over it, then "go"
     report: int  # as in spawn(): EOF once COMMAND was exec'd, else the child's report
+    started: bool = False
 
     def close(self) -> None:
-        """Unused: the child sees EOF and leaves. Never raises."""
+        """Unused, or prepared but never told to start: the child sees EOF and leaves, without exec. Never
+        raises."""
+        if self.started:
+            return
         self.sock.close()
         with contextlib.suppress(OSError):
             os.close(self.report)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
+
+    def prepare(self, argv: Sequence[str], *, user: User, env: Mapping[str, str], netns: str | None,
+                in_child: tuple[Callable[..., Callable[[], None]], tuple[str, ...]] | None) -> None:
+        """What spawn() takes, to a child forked ahead: it gets this process's fds 0-2, working directory and
+        umask, and opens the namespace at `netns`. `in_child` is (factory, args), called in the child for the
+        in_child step (a closure cannot be sent). Raises SetupError when the child is gone."""
+        import array
+        import pickle  # the warm daemon's only: a cold run never imports it
+
+        if not argv:
+            raise ValueError("spawn() needs a command to run")
+        umask = os.umask(0o022)
+        os.umask(umask)
+        message = pickle.dumps((list(argv), user, dict(env), netns, in_child, os.getcwd(), umask))
+        try:
+            self.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
+        except OSError as exc:
+            self.close()
+            raise SetupError(f"could not start a process for COMMAND: {exc}") from exc
+
+    def start(self) -> int:
+        """COMMAND may run now: its pid once exec'd, or the ExecError/SetupError spawn() would raise."""
+        try:
+            self.sock.send(b"go")
+        except OSError:
+            pass  # it failed and left already: its report says why
+        self.sock.close()
+        self.started = True
+        return _started(self.pid, self.report)
 
 
 def prefork() -> Preforked:
@@ -268,29 +304,6 @@ def prefork() -> Preforked:
     theirs.close()
     os.close(write_end)
     return Preforked(pid, ours, read_end)
-
-
-def spawn_preforked(child: Preforked, argv: Sequence[str], *, user: User, env: Mapping[str, str],
-                    netns: str | None, in_child: tuple[Callable[..., Callable[[], None]], tuple[str, ...]] | None
-                    ) -> int:
-    """spawn(), by a child forked ahead: it gets this process's fds 0-2, working directory and umask, and opens
-    the namespace at `netns`.
-    `in_child` is (factory, args), called in the child for the in_child step (a closure cannot be sent)."""
-    import array
-    import pickle  # the warm daemon's only: a cold run never imports it
-
-    if not argv:
-        raise ValueError("spawn() needs a command to run")
-    umask = os.umask(0o022)
-    os.umask(umask)
-    message = pickle.dumps((list(argv), user, dict(env), netns, in_child, os.getcwd(), umask))
-    try:
-        child.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
-    except OSError as exc:
-        child.close()
-        raise SetupError(f"could not start a process for COMMAND: {exc}") from exc
-    child.sock.close()
-    return _started(child.pid, child.report)
 
 
 def _preforked(sock: socket.socket, report_fd: int, parent: int) -> NoReturn:
@@ -317,7 +330,7 @@ def _preforked(sock: socket.socket, report_fd: int, parent: int) -> NoReturn:
         os.umask(umask)
         netns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC) if netns else None
         in_child = factory[0](*factory[1]) if factory else None
-        plan = _Plan(argv, user, env, netns_fd, in_child, parent, report_fd)
+        plan = _Plan(argv, user, env, netns_fd, in_child, parent, report_fd, go=sock.fileno())
     except BaseException as exc:
         _report(report_fd, EXIT_SETUP, f"internal error while starting COMMAND: {_describe(exc)}")
         os._exit(EXIT_SETUP)
@@ -335,12 +348,15 @@ class _Plan:
     in_child: Callable[[], None] | None
     parent: int  # nsfw's pid, to notice that it died before the child could arrange to die with it
     report_fd: int
+    go: int = -1  # a child forked ahead: prepared, it execs only once "go" arrives here (EOF: it leaves)
 
 
 def _child(plan: _Plan) -> NoReturn:
     # Whatever happens, this process must not return into the parent's code (it would run nsfw twice).
     try:
         _prepare(plan)
+        if plan.go >= 0 and os.read(plan.go, 16) != b"go":
+            os._exit(EXIT_SETUP)  # the launch was abandoned: COMMAND never runs
         _exec(plan)
     except _ChildSetupError as failure:
         _report(plan.report_fd, EXIT_SETUP, str(failure))
@@ -363,7 +379,7 @@ def _prepare(plan: _Plan) -> None:
         (f"could not drop root privileges to user {plan.user.name}", lambda: drop_privileges(plan.user)),
         # Changing the euid cleared the parent-death signal (kernel commit_creds), so set it again.
         ("could not make COMMAND die with nsfw", lambda: _die_with_parent(plan.parent)),
-        ("could not close nsfw's files before starting COMMAND", lambda: _close_fds(keep=plan.report_fd)),
+        ("could not close nsfw's files before starting COMMAND", lambda: _close_fds(keep={plan.report_fd, plan.go})),
         ("could not reset signal handling for COMMAND", _reset_signals),
     ]
     for what, step in steps:
@@ -396,11 +412,11 @@ def _private_mounts() -> None:
     caps.make_mounts_private()
 
 
-def _close_fds(keep: int) -> None:
+def _close_fds(keep: set[int]) -> None:
     # Listing /proc/self/fd finds every open fd, however high, without guessing at a limit.
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd > 2 and fd != keep:
+        if fd > 2 and fd not in keep:
             try:
                 os.close(fd)
             except OSError as exc:

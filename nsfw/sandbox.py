@@ -162,20 +162,32 @@ def _join(profile: Profile, argv: Sequence[str], user: launch.User, environ: Map
     return None
 
 
-def _spawn(record: state.Record, argv: Sequence[str], user: launch.User, environ: Mapping[str, str]) -> int:
-    global PREFORKED
-    files = state.sandbox_dir(record.id)
+def _spawn(record: state.Record, argv: Sequence[str], user: launch.User, environ: Mapping[str, str],
+           prepared: launch.Preforked | None = None) -> int:
     # From here signals wait in the mask: wait_child relays whatever arrived while COMMAND was being started.
     signal.pthread_sigmask(signal.SIG_BLOCK, launch.DEFAULT_FORWARD)
-    if PREFORKED is not None:
-        child, PREFORKED = PREFORKED, None
-        return launch.spawn_preforked(child, argv, user=user, env=environ, netns=netns.path(record.netns),
-                                      in_child=(dns.bind_name_files, (files,)))
+    if prepared is None:
+        prepared = _prepare_command(record, argv, user, environ)
+    if prepared is not None:
+        return prepared.start()
     fd = os.open(netns.path(record.netns), os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return launch.spawn(argv, user=user, env=environ, netns_fd=fd, in_child=dns.bind_name_files(files))
+        return launch.spawn(argv, user=user, env=environ, netns_fd=fd,
+                            in_child=dns.bind_name_files(state.sandbox_dir(record.id)))
     finally:
         os.close(fd)
+
+
+def _prepare_command(record: state.Record, argv: Sequence[str], user: launch.User,
+                     environ: Mapping[str, str]) -> launch.Preforked | None:
+    """In a warm launcher: COMMAND's process, forked ahead, enters the sandbox and drops its privileges now,
+    side by side with the rest of the setup; it execs only when _spawn says so. None in a cold run."""
+    global PREFORKED
+    child, PREFORKED = PREFORKED, None
+    if child is not None:
+        child.prepare(argv, user=user, env=environ, netns=netns.path(record.netns),
+                      in_child=(dns.bind_name_files, (state.sandbox_dir(record.id),)))
+    return child
 
 
 def _setup(stack: ExitStack, profile: Profile, argv: Sequence[str], user: launch.User,
@@ -250,18 +262,21 @@ def _arm(stack: ExitStack, record: state.Record, inst: Instance, env: HostEnv, p
          argv: Sequence[str], user: launch.User, environ: Mapping[str, str]) -> Started:
     """The profile's part of a launch, on built kernel objects: the rulesets, the keeper, then COMMAND."""
     nat = profile.network == "nat"
-    gateways: list[str] = []
+    gateways = [str(a.ip) for a in (inst.gateway4, inst.gateway6) if a] if nat else []
+    files = state.sandbox_dir(inst.id)
+    stack.callback(state.drop_dir, inst.id)
+    log = dns.write_files(files, gateways[0] if gateways else None, user)
+    # The keeper starts the resolver, and a warm launch's COMMAND process gets ready to exec, while the
+    # rulesets go in: side by side (two cores are common); COMMAND execs only after all of it.
+    kept = _start_keeper(record, (inst, profile, env.addresses, log) if nat else None)
+    stack.callback(kept.kill)
+    prepared = _prepare_command(record, argv, user, environ)
+    if prepared is not None:
+        stack.callback(prepared.close)
     if nat:
         stack.callback(nft.delete_table, inst.table)
         nft.apply(rules.host_ruleset(inst, profile), "host-side ruleset")
         _fault("host-rules")
-        gateways = [str(a.ip) for a in (inst.gateway4, inst.gateway6) if a]
-    files = state.sandbox_dir(inst.id)
-    stack.callback(state.drop_dir, inst.id)
-    log = dns.write_files(files, gateways[0] if gateways else None, user)
-    # The keeper starts the resolver while the sandbox's ruleset goes in: on two cores, side by side.
-    kept = _start_keeper(record, (inst, profile, env.addresses, log) if nat else None)
-    stack.callback(kept.kill)
     with netns.entered(inst.netns):
         nft.apply(rules.sandbox_ruleset(profile, env, gateways), "sandbox ruleset")
     _fault("sandbox-rules")
@@ -271,7 +286,7 @@ def _arm(stack: ExitStack, record: state.Record, inst: Instance, env: HostEnv, p
     state.save(record)
     _fault("keeper")
 
-    pid = _spawn(record, argv, user, environ)
+    pid = _spawn(record, argv, user, environ, prepared)
     record.command_pid = pid
     state.save(record)
     _fault("spawned")

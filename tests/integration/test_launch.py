@@ -30,7 +30,6 @@ from nsfw.launch import (
     prefork,
     read_as_user,
     spawn,
-    spawn_preforked,
     wait_child,
 )
 
@@ -619,9 +618,11 @@ def test_a_command_forked_ahead_gets_what_spawn_gives(user: User, shared: Path,
         os.set_inheritable(leaked, True)
         marker = shared / "in_child"
         out = shared / "probe.json"
-        pid = spawn_preforked(child, [PYTHON, "-I", "-c", PROBE + UMASK_TOO, str(out)], user=user,
-                              env=ENV, netns=f"/proc/{os.getpid()}/fd/{fd}", in_child=(_touch_factory, (str(marker),)))
+        child.prepare([PYTHON, "-I", "-c", PROBE + UMASK_TOO, str(out)], user=user, env=ENV,
+                      netns=f"/proc/{os.getpid()}/fd/{fd}", in_child=(_touch_factory, (str(marker),)))
         os.close(leaked)
+        os.chdir("/")  # too late: the plan went with the cwd of its time
+        pid = child.start()
         assert wait_child(pid) == 0
     finally:
         os.umask(old_umask)
@@ -636,9 +637,18 @@ def test_a_command_forked_ahead_gets_what_spawn_gives(user: User, shared: Path,
 
 def test_a_command_forked_ahead_reports_what_cannot_run(user: User, shared: Path) -> None:
     child = prefork()
+    child.prepare(["/no/such/program"], user=user, env=ENV, netns=None, in_child=None)
     with pytest.raises(ExecError) as caught:
-        spawn_preforked(child, ["/no/such/program"], user=user, env=ENV, netns=None, in_child=None)
+        child.start()
     assert caught.value.exit_code == 127 and _is_reaped(child.pid)
+
+
+def test_a_prepared_command_never_told_to_start_never_runs(user: User, shared: Path) -> None:
+    marker = shared / "ran"
+    child = prefork()
+    child.prepare(["touch", str(marker)], user=user, env=ENV, netns=None, in_child=None)
+    child.close()  # the launch failed after COMMAND's process got ready: it leaves without exec
+    assert _is_reaped(child.pid) and not marker.exists()
 
 
 def test_a_child_forked_ahead_and_never_used_leaves() -> None:
