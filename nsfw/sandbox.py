@@ -201,7 +201,7 @@ def _setup(stack: ExitStack, profile: Profile, argv: Sequence[str], user: launch
     _fault("checked")
     env = netns.host_env(exclude_prefix=PREFIX) if nat else HostEnv()
     ipv6 = nat and profile.ipv6 and env.default6
-    claimed = _claim(profile, argv, user, ipv6) if POOL_OWNER else None
+    claimed = _claim(profile, argv, user, ipv6, env.routes) if POOL_OWNER else None
     if POOL_OWNER:
         _say_to_pool(b"want %s\n" % pool_kind(profile.network, ipv6).encode())
     if claimed is not None:
@@ -338,8 +338,15 @@ def prebuild(network: str, ipv6: bool) -> state.Record:
     return record
 
 
-def _claim(profile: Profile, argv: Sequence[str], user: launch.User,
-           ipv6: bool) -> tuple[state.Record, Instance] | None:
+def pool_stale(record: state.Record, routes: Sequence[IPNetwork]) -> bool:
+    """A pooled sandbox whose addresses overlap a route the host gained since it was built (a VPN, a LAN):
+    a launch would not have picked that slot, so none takes this sandbox (the daemon removes it)."""
+    own = [ipaddress.ip_network(a, strict=False) for a in record.addresses]
+    return any(r not in own and r.version == n.version and r.overlaps(n) for r in routes for n in own)
+
+
+def _claim(profile: Profile, argv: Sequence[str], user: launch.User, ipv6: bool,
+           routes: Sequence[IPNetwork]) -> tuple[state.Record, Instance] | None:
     """Take one of the daemon's pooled sandboxes of the kind this launch needs: from here it is this launch's,
     removed by it on failure and by its keeper after. None when the pool has none (then build one here)."""
     kind = pool_kind(profile.network, ipv6)
@@ -347,7 +354,8 @@ def _claim(profile: Profile, argv: Sequence[str], user: launch.User,
     with state.locked():
         for record in state.records(include_pool=True):
             if (record.pooled and record.supervisor_pid == POOL_OWNER and pool_kind(record.network, bool(
-                    record.addresses[1:])) == kind and os.path.exists(netns.path(record.netns))):
+                    record.addresses[1:])) == kind and not record.closing and not pool_stale(record, routes)
+                    and os.path.exists(netns.path(record.netns))):
                 record.pooled = False
                 record.profile, record.profile_path, record.profile_sha256 = profile.name, profile.path, profile.sha256
                 record.command, record.uid, record.user = list(argv), user.uid, user.name

@@ -169,11 +169,25 @@ class Daemon:
                 if r.pooled and r.supervisor_pid == os.getpid() and not r.closing]
 
     def _fill_one(self) -> bool:
-        """Build one missing pooled sandbox; True when one was built (there may be more to build)."""
-        from . import sandbox
+        """Build one missing pooled sandbox, or remove one that went stale; True when there was something to do
+        (there may be more)."""
+        from . import netns, reconcile, sandbox
+        from .names import PREFIX
 
+        pooled = self._pooled()
+        routes = netns.host_env(exclude_prefix=PREFIX).routes if any(r.network == "nat" for r in pooled) else ()
+        for record in pooled:
+            if sandbox.pool_stale(record, routes):
+                with state.locked():  # read again: a launch may have taken it meanwhile, and then it is not ours
+                    current = state.load(record.id)
+                    if current is None or not current.pooled or current.supervisor_pid != os.getpid():
+                        return True
+                    current.closing = True  # no launch takes it from here on
+                    state.save(current)
+                reconcile.teardown(current)
+                return True
         have: dict[str, int] = {}
-        for r in self._pooled():
+        for r in pooled:
             kind = sandbox.pool_kind(r.network, bool(r.addresses[1:]))
             have[kind] = have.get(kind, 0) + 1
         now = time.monotonic()

@@ -206,3 +206,19 @@ def test_the_umask_and_cwd_travel_with_the_launch(world: Any, daemon: Any, tmp_p
     done = world.run(["sh", "-c", f"umask 027; exec {NSFW} run -p offline -- sh -c 'umask; pwd'"], env=ENV,
                      stdin=subprocess.DEVNULL, cwd=str(tmp_path))
     assert done.stdout.split() == ["0027", str(tmp_path)], done.stderr
+
+
+def test_a_pooled_sandbox_in_a_route_the_host_gained_is_never_used(world: Any, daemon: Any) -> None:
+    """As for a cold launch (test_lifecycle), a slot the host now routes elsewhere is not handed out: the
+    daemon's prebuilt ones in 10.213.0.0/26 are replaced by others."""
+    assert any(r["addresses"][0].startswith("10.213.0.") for r in pooled(world) if r["network"] == "nat")
+    world.run(["ip", "route", "add", "10.213.0.0/26", "dev", "lan0"])  # a VPN or a LAN appeared since
+    try:
+        done = warm(world, "-p", "default", "--", "ip", "-4", "-o", "addr", "show", "eth0")
+        addr = done.stdout.split()[3]
+        assert not addr.startswith("10.213.0.") or int(addr.split(".")[3].split("/")[0]) >= 64, addr
+        assert wait_for(lambda: len(pooled(world)) == POOL and not any(
+            r["addresses"][0].startswith("10.213.0.") and int(r["addresses"][0].split(".")[3].split("/")[0]) < 64
+            for r in pooled(world) if r["network"] == "nat"))
+    finally:
+        world.run(["ip", "route", "del", "10.213.0.0/26", "dev", "lan0"])
