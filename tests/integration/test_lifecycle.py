@@ -13,7 +13,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,8 +34,17 @@ def nsfw(world: Any, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
 
 
 def records(world: Any) -> list[dict[str, Any]]:
-    out = world.run(["sh", "-c", "cat /run/nsfw/sandboxes/*.json 2>/dev/null"]).stdout
-    return [json.loads(c) for c in out.replace("}\n{", "}\x00{").split("\x00") if c.strip()]
+    out = world.run(["sh", "-c", "for f in /run/nsfw/sandboxes/*.json; do [ -e $f ] && cat $f && printf '\\0'; done"]
+                    ).stdout
+    return [json.loads(c) for c in out.split("\x00") if c.strip()]
+
+
+def until(what: Callable[[], bool], timeout: float = 15) -> bool:
+    """A keeper removes its sandbox after `nsfw run` returned: wait (boundedly) for what that leads to."""
+    deadline = time.monotonic() + timeout
+    while not what() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return what()
 
 
 @contextmanager
@@ -160,7 +169,7 @@ def test_supervisor_killed_while_command_runs_kills_the_whole_tree(world: Any) -
 def test_command_killed_leaves_nothing(world: Any) -> None:
     done = run(world, "default", "sh", "-c", "kill -KILL $$")
     assert done.returncode == 137
-    assert not records(world)  # removed before nsfw exited; the baseline fixture checks the rest
+    assert until(lambda: not records(world))  # its keeper removes it; the baseline fixture checks the rest
 
 
 # ---------------------------------------------------------------------------------------------- joining
@@ -183,7 +192,7 @@ def test_second_run_joins_and_the_sandbox_lives_until_its_last_process(world: An
     assert second.stdout.readline().strip() == "ready"
     other = run(world, "default", "sh", "-c", NETNS, new=True)
     assert other.stdout.strip() != ns_first  # --new starts its own
-    assert len(records(world)) == 1
+    assert until(lambda: len(records(world)) == 1)  # its keeper removed it: nothing else ran there
     first.communicate("\n", timeout=20)  # the first COMMAND ends: its nsfw exits, the sandbox stays
     assert first.returncode == 0 and len(records(world)) == 1
     out, _ = second.communicate("\n", timeout=20)
