@@ -266,10 +266,14 @@ def _arm(stack: ExitStack, record: state.Record, inst: Instance, env: HostEnv, p
     files = state.sandbox_dir(inst.id)
     stack.callback(state.drop_dir, inst.id)
     log = dns.write_files(files, gateways[0] if gateways else None, user)
-    # The keeper starts the resolver, and a warm launch's COMMAND process gets ready to exec, while the
-    # rulesets go in: side by side (two cores are common); COMMAND execs only after all of it.
-    kept = _start_keeper(record, (inst, profile, env.addresses, log) if nat else None)
-    stack.callback(kept.kill)
+    # In a warm launch the keeper (forked ahead) starts the resolver, and COMMAND's process gets ready to exec,
+    # while the rulesets go in: side by side (two cores are common); COMMAND execs only after all of it. A cold
+    # launch forks its keeper after the rulesets instead: forked before, the pages the rulesets' work fills
+    # would be the supervisor's alone rather than shared with the keeper (about 25 MiB more per sandbox).
+    owned: Owned = (inst, profile, env.addresses, log) if nat else None
+    kept = _start_keeper(record, owned) if PREFORKED_KEEPER is not None else None
+    if kept is not None:
+        stack.callback(kept.kill)
     prepared = _prepare_command(record, argv, user, environ)
     if prepared is not None:
         stack.callback(prepared.close)
@@ -281,6 +285,9 @@ def _arm(stack: ExitStack, record: state.Record, inst: Instance, env: HostEnv, p
         nft.apply(rules.sandbox_ruleset(profile, env, gateways), "sandbox ruleset")
     _fault("sandbox-rules")
 
+    if kept is None:
+        kept = _start_keeper(record, owned)
+        stack.callback(kept.kill)
     _await_keeper(kept)
     record.keeper_pid, record.keeper_start = kept.pid, state.proc_start_time(kept.pid) or 0
     state.save(record)
