@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import select
 import signal
+import struct
 import time
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import nspath, state
 
@@ -79,6 +80,44 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def send_sandbox(to_keeper: int, record: state.Record, owned: object) -> None:
+    """To a keeper forked ahead (sandbox.prefork_keeper): its sandbox, and what to start in it."""
+    import pickle
+
+    data = pickle.dumps((record, owned))
+    view = memoryview(struct.pack("=I", len(data)) + data)
+    while view:
+        view = view[os.write(to_keeper, view):]
+
+
+def receive_sandbox(from_supervisor: int) -> tuple[state.Record, Any]:
+    """The keeper's side of send_sandbox(); leaves quietly when the launcher went away without a launch."""
+    import pickle
+
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = os.read(from_supervisor, n - len(data))
+            if not chunk:
+                os._exit(0)  # nothing was handed over: nothing to own, nothing to remove
+            data += chunk
+        return data
+
+    (size,) = struct.unpack("=I", exactly(4))
+    record, owned = pickle.loads(exactly(size))
+    return record, owned
+
+
+def close_all_but(keep: set[int]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def keep(record: state.Record, from_supervisor: int, to_supervisor: int, on_start: Callable[[], None]) -> NoReturn:

@@ -12,6 +12,7 @@ import errno
 import os
 import pwd
 import signal
+import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -220,6 +221,10 @@ def spawn(
         os.close(read_end)
         _child(plan)
     os.close(write_end)
+    return _started(pid, read_end)
+
+
+def _started(pid: int, read_end: int) -> int:
     try:
         report = _read_all(read_end)
     finally:
@@ -228,6 +233,108 @@ def spawn(
         return pid
     os.waitpid(pid, 0)
     raise _report_to_error(report)
+
+
+@dataclass
+class Preforked:
+    """A child forked ahead of a launch (by the warm daemon's spare launcher), waiting for what spawn() would
+    have given it: forking a process with nsfw's heap costs milliseconds that a launch then does not pay.
+
+    prepare() sends the plan: the child enters the sandbox and drops its privileges while the launch loads
+    the rules, then waits. start() tells it to exec COMMAND, once everything COMMAND may rely on is in place."""
+
+    pid: int
+    sock: socket.socket  # the plan and the three standard fds go over it, then "go"
+    report: int  # as in spawn(): EOF once COMMAND was exec'd, else the child's report
+    started: bool = False
+
+    def close(self) -> None:
+        """Unused, or prepared but never told to start: the child sees EOF and leaves, without exec. Never
+        raises."""
+        if self.started:
+            return
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            os.close(self.report)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+    def prepare(self, argv: Sequence[str], *, user: User, env: Mapping[str, str], netns: str | None,
+                in_child: tuple[Callable[..., Callable[[], None]], tuple[str, ...]] | None) -> None:
+        """What spawn() takes, to a child forked ahead: it gets this process's fds 0-2, working directory and
+        umask, and opens the namespace at `netns`. `in_child` is (factory, args), called in the child for the
+        in_child step (a closure cannot be sent). Raises SetupError when the child is gone."""
+        import array
+        import pickle  # the warm daemon's only: a cold run never imports it
+
+        if not argv:
+            raise ValueError("spawn() needs a command to run")
+        umask = os.umask(0o022)
+        os.umask(umask)
+        message = pickle.dumps((list(argv), user, dict(env), netns, in_child, os.getcwd(), umask))
+        try:
+            self.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
+        except OSError as exc:
+            self.close()
+            raise SetupError(f"could not start a process for COMMAND: {exc}") from exc
+
+    def start(self) -> int:
+        """COMMAND may run now: its pid once exec'd, or the ExecError/SetupError spawn() would raise."""
+        try:
+            self.sock.send(b"go")
+        except OSError:
+            pass  # it failed and left already: its report says why
+        self.sock.close()
+        self.started = True
+        return _started(self.pid, self.report)
+
+
+def prefork() -> Preforked:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    read_end, write_end = os.pipe()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the waiting child
+        try:
+            os.close(read_end)
+            ours.close()
+            _preforked(theirs, write_end, parent)
+        finally:
+            os._exit(EXIT_SETUP)
+    theirs.close()
+    os.close(write_end)
+    return Preforked(pid, ours, read_end)
+
+
+def _preforked(sock: socket.socket, report_fd: int, parent: int) -> NoReturn:
+    import array
+    import pickle
+
+    try:
+        message, ancdata, _flags, _addr = sock.recvmsg(1 << 22, socket.CMSG_SPACE(3 * 4))
+    except OSError:
+        os._exit(0)
+    if not message:
+        os._exit(0)  # the launcher left without a launch
+    try:
+        fds = array.array("i")
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        if len(fds) != 3:
+            raise ValueError("a launch brings its three standard fds")
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        argv, user, env, netns, factory, cwd, umask = pickle.loads(message)
+        os.chdir(cwd)  # what a child forked now would have inherited
+        os.umask(umask)
+        netns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC) if netns else None
+        in_child = factory[0](*factory[1]) if factory else None
+        plan = _Plan(argv, user, env, netns_fd, in_child, parent, report_fd, go=sock.fileno())
+    except BaseException as exc:
+        _report(report_fd, EXIT_SETUP, f"internal error while starting COMMAND: {_describe(exc)}")
+        os._exit(EXIT_SETUP)
+    _child(plan)
 
 
 @dataclass(frozen=True)
@@ -241,12 +348,15 @@ class _Plan:
     in_child: Callable[[], None] | None
     parent: int  # nsfw's pid, to notice that it died before the child could arrange to die with it
     report_fd: int
+    go: int = -1  # a child forked ahead: prepared, it execs only once "go" arrives here (EOF: it leaves)
 
 
 def _child(plan: _Plan) -> NoReturn:
     # Whatever happens, this process must not return into the parent's code (it would run nsfw twice).
     try:
         _prepare(plan)
+        if plan.go >= 0 and os.read(plan.go, 16) != b"go":
+            os._exit(EXIT_SETUP)  # the launch was abandoned: COMMAND never runs
         _exec(plan)
     except _ChildSetupError as failure:
         _report(plan.report_fd, EXIT_SETUP, str(failure))
@@ -269,7 +379,7 @@ def _prepare(plan: _Plan) -> None:
         (f"could not drop root privileges to user {plan.user.name}", lambda: drop_privileges(plan.user)),
         # Changing the euid cleared the parent-death signal (kernel commit_creds), so set it again.
         ("could not make COMMAND die with nsfw", lambda: _die_with_parent(plan.parent)),
-        ("could not close nsfw's files before starting COMMAND", lambda: _close_fds(keep=plan.report_fd)),
+        ("could not close nsfw's files before starting COMMAND", lambda: _close_fds(keep={plan.report_fd, plan.go})),
         ("could not reset signal handling for COMMAND", _reset_signals),
     ]
     for what, step in steps:
@@ -302,11 +412,11 @@ def _private_mounts() -> None:
     caps.make_mounts_private()
 
 
-def _close_fds(keep: int) -> None:
+def _close_fds(keep: set[int]) -> None:
     # Listing /proc/self/fd finds every open fd, however high, without guessing at a limit.
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd > 2 and fd != keep:
+        if fd > 2 and fd not in keep:
             try:
                 os.close(fd)
             except OSError as exc:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
+import struct
 from typing import Any
 
 from pyroute2 import IPRoute, netns
@@ -174,32 +176,98 @@ def configure_sandbox_side(ns: str, addr4: ipaddress.IPv4Interface | None, gw4: 
 
 
 def host_env(exclude_prefix: str = "") -> HostEnv:
-    """Addresses, connected networks and routes of the current (host) namespace, from the kernel."""
-    with IPRoute() as ipr:
-        skip = {link["index"] for link in _dump(ipr.get_links)
-                if exclude_prefix and (link.get_attr("IFLA_IFNAME") or "").startswith(exclude_prefix)}
+    """Addresses, connected networks and routes of the current (host) namespace, from the kernel.
+
+    Every nat launch asks, so this speaks rtnetlink itself: three dumps parsed with struct take a fraction of a
+    millisecond, where pyroute2's generic decoding took several."""
+    for _ in range(DUMP_TRIES - 1):
+        try:
+            return _host_env(exclude_prefix)
+        except NetlinkDumpInterrupted:
+            continue
+    return _host_env(exclude_prefix)
+
+
+RTM_GETLINK, RTM_GETADDR, RTM_GETROUTE = 18, 22, 26
+NLM_F_REQUEST, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+IFLA_IFNAME, IFA_ADDRESS, IFA_LOCAL = 3, 1, 2
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
+RT_TABLE_MAIN = 254
+
+
+def _host_env(exclude_prefix: str) -> HostEnv:
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE) as sock:
+        skip = set()
+        if exclude_prefix:
+            for body, attrs in _rtnl_dump(sock, RTM_GETLINK, struct.pack("=BxHiII", 0, 0, 0, 0, 0), 16):
+                name = attrs.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace")
+                if name.startswith(exclude_prefix):
+                    skip.add(struct.unpack_from("=i", body, 4)[0])
         addresses = []
-        for a in _dump(ipr.get_addr):
-            value = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
-            if value:
-                addresses.append(ipaddress.ip_address(value.split("%")[0]))
+        for body, attrs in _rtnl_dump(sock, RTM_GETADDR, struct.pack("=BBBBi", 0, 0, 0, 0, 0), 8):
+            value = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+            if value and body[0] in (socket.AF_INET, socket.AF_INET6):
+                addresses.append(ipaddress.ip_address(value))
         connected: list[IPNetwork] = []
         routes: list[IPNetwork] = []
         default6 = False
-        for family in (2, 10):
-            for r in _dump(ipr.get_routes, family=family, table=254):
-                dst = r.get_attr("RTA_DST")
-                length = r["dst_len"]
+        for family in (socket.AF_INET, socket.AF_INET6):
+            request = struct.pack("=BBBBBBBBI", family, 0, 0, 0, 0, 0, 0, 0, 0)
+            for body, attrs in _rtnl_dump(sock, RTM_GETROUTE, request, 12):
+                length, table, rtype = body[1], body[4], body[7]
+                if RTA_TABLE in attrs:
+                    table = struct.unpack("=I", attrs[RTA_TABLE])[0]
+                if body[0] != family or table != RT_TABLE_MAIN:
+                    continue
+                dst = attrs.get(RTA_DST)
                 if not dst:
-                    if family == 10 and length == 0:
+                    if family == socket.AF_INET6 and length == 0:
                         default6 = True
                     continue
-                net = ipaddress.ip_network(f"{dst}/{length}", strict=False)
+                net = ipaddress.ip_network((ipaddress.ip_address(dst), length), strict=False)
                 routes.append(net)
                 # on-link: no gateway (IPv6 routes never say scope link)
-                on_link = r.get_attr("RTA_GATEWAY") is None and r["type"] == RTN_UNICAST
-                if on_link and r.get_attr("RTA_OIF") not in skip and not net.is_link_local:
+                oif = struct.unpack("=i", attrs[RTA_OIF])[0] if RTA_OIF in attrs else None
+                on_link = RTA_GATEWAY not in attrs and rtype == RTN_UNICAST
+                if on_link and oif not in skip and not net.is_link_local:
                     connected.append(net)
     return HostEnv(tuple(sorted(set(addresses), key=lambda a: (a.version, int(a)))),
                    tuple(sorted(set(connected), key=lambda n: (n.version, int(n.network_address), n.prefixlen))),
                    tuple(routes), default6)
+
+
+NETLINK_ROUTE = 0
+
+
+def _rtnl_dump(sock: socket.socket, kind: int, request: bytes, header: int) -> list[tuple[bytes, dict[int, bytes]]]:
+    """One rtnetlink dump: each message's fixed header (`header` bytes) and its top-level attributes."""
+    seq = int.from_bytes(os.urandom(4), "little")
+    sock.send(struct.pack("=IHHII", 16 + len(request), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + request)
+    out: list[tuple[bytes, dict[int, bytes]]] = []
+    while True:
+        data = sock.recv(1 << 16)
+        offset = 0
+        while offset + 16 <= len(data):
+            length, mtype, flags, mseq, _pid = struct.unpack_from("=IHHII", data, offset)
+            if length < 16:
+                raise OSError("a malformed netlink message")
+            if mseq == seq:
+                if flags & NLM_F_DUMP_INTR:
+                    raise NetlinkDumpInterrupted()
+                if mtype == NLMSG_DONE:
+                    return out
+                if mtype == NLMSG_ERROR:
+                    code = struct.unpack_from("=i", data, offset + 16)[0]
+                    raise OSError(-code, os.strerror(-code))
+                body = data[offset + 16:offset + length]
+                attrs: dict[int, bytes] = {}
+                pos = (header + 3) & ~3
+                while pos + 4 <= len(body):
+                    alen, atype = struct.unpack_from("=HH", body, pos)
+                    if alen < 4:
+                        break
+                    attrs.setdefault(atype & 0x3FFF, body[pos + 4:pos + alen])
+                    pos += (alen + 3) & ~3
+                out.append((body[:header], attrs))
+            offset += (length + 3) & ~3

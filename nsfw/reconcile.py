@@ -31,7 +31,7 @@ def release(record: state.Record) -> None:
     """The record goes last, and with the last record, nsfw's changes to forwarding. Takes the lock."""
     with state.locked():
         state.drop(record.id)
-        if not state.records():
+        if not state.records(include_pool=True):
             forwarding.restore()
 
 
@@ -53,7 +53,7 @@ def kill_processes(record: state.Record) -> int:
 
 
 def dead(records: list[state.Record] | None = None) -> list[state.Record]:
-    return [r for r in (state.records() if records is None else records) if not state.alive(r)]
+    return [r for r in (state.records(include_pool=True) if records is None else records) if not state.alive(r)]
 
 
 def reap(record: state.Record) -> list[str]:
@@ -70,7 +70,7 @@ def reap_dead() -> list[state.Record]:
     gone = dead()
     for record in gone:
         reap(record)
-    if gone and not state.records():
+    if gone and not state.records(include_pool=True):
         forwarding.restore()
     return gone
 
@@ -86,7 +86,7 @@ def gc(dry_run: bool = False) -> list[tuple[state.Record, list[str]]]:
         if dry_run:
             return [(r, ["would remove"]) for r in gone]
         report = _reap_all(gone)
-        if not state.records():
+        if not state.records(include_pool=True):
             forwarding.restore()  # also a leftover from a crash between the last record and the restore
     return report
 

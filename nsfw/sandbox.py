@@ -23,11 +23,11 @@ from typing import Any, NoReturn
 from . import compile as rules
 from . import config, dns, forwarding, keeper, launch, netns, nft, reconcile, state
 from .errors import NsfwError, SetupError
-from .names import PREFIX, HostEnv, Instance, allocate_slot, new_id
+from .names import PREFIX, HostEnv, Instance, IPAddress, IPNetwork, allocate_slot, new_id
 from .profile import Profile
 
 SETUP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
-SETUP_STEPS = ("record", "netns", "veth", "host-rules", "forwarding", "sandbox-rules", "keeper", "command")
+SETUP_STEPS = ("record", "netns", "veth", "forwarding", "host-rules", "sandbox-rules", "keeper", "command")
 KEEPER_TIMEOUT = 10.0
 
 
@@ -95,14 +95,17 @@ class Keeper:
             pass
 
     def hand_over(self) -> bool:
-        """COMMAND has exited: the keeper removes the sandbox now (and says "done") if nothing else runs in it,
-        or keeps it for what still does ("linger"). False when the keeper is gone."""
+        """COMMAND has exited: tell the keeper, which removes the sandbox (or keeps it while something else runs
+        in it) on its own, after nsfw has returned COMMAND's status. False when the keeper is gone already.
+
+        Not waiting for the removal is what keeps a launch short: deleting a veth and a table waits for the
+        kernel's RCU grace periods (tens of ms). The keeper already owns every clean-up once COMMAND runs, and a
+        keeper that dies is what `nsfw gc` and every later launch clean up after."""
         try:
             os.write(self.to_keeper, b"exit")
-            ready, _w, _x = select.select([self.from_keeper], [], [], KEEPER_TIMEOUT)
-            word = os.read(self.from_keeper, 16) if ready else b""
-        except OSError:
-            word = b""
+            handed = True
+        except OSError:  # EPIPE: nobody reads the other end any more
+            handed = False
         finally:
             os.close(self.to_keeper)
             os.close(self.from_keeper)
@@ -110,7 +113,7 @@ class Keeper:
             os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
             pass
-        return word in (b"done", b"linger")
+        return handed
 
 
 @dataclass
@@ -124,6 +127,7 @@ def run(profile: Profile, argv: Sequence[str], user: launch.User, environ: Mappi
         new: bool = False) -> int:
     """Run COMMAND as `user` in a sandbox for `profile`: the user's running one (unless `new`), else a new one.
     Returns COMMAND's exit status."""
+    _fault("loaded")
     stack = ExitStack()
     try:
         with _signals_abort_setup():
@@ -158,10 +162,15 @@ def _join(profile: Profile, argv: Sequence[str], user: launch.User, environ: Map
     return None
 
 
-def _spawn(record: state.Record, argv: Sequence[str], user: launch.User, environ: Mapping[str, str]) -> int:
-    fd = os.open(netns.path(record.netns), os.O_RDONLY | os.O_CLOEXEC)
+def _spawn(record: state.Record, argv: Sequence[str], user: launch.User, environ: Mapping[str, str],
+           prepared: launch.Preforked | None = None) -> int:
     # From here signals wait in the mask: wait_child relays whatever arrived while COMMAND was being started.
     signal.pthread_sigmask(signal.SIG_BLOCK, launch.DEFAULT_FORWARD)
+    if prepared is None:
+        prepared = _prepare_command(record, argv, user, environ)
+    if prepared is not None:
+        return prepared.start()
+    fd = os.open(netns.path(record.netns), os.O_RDONLY | os.O_CLOEXEC)
     try:
         return launch.spawn(argv, user=user, env=environ, netns_fd=fd,
                             in_child=dns.bind_name_files(state.sandbox_dir(record.id)))
@@ -169,81 +178,254 @@ def _spawn(record: state.Record, argv: Sequence[str], user: launch.User, environ
         os.close(fd)
 
 
+def _prepare_command(record: state.Record, argv: Sequence[str], user: launch.User,
+                     environ: Mapping[str, str]) -> launch.Preforked | None:
+    """In a warm launcher: COMMAND's process, forked ahead, enters the sandbox and drops its privileges now,
+    side by side with the rest of the setup; it execs only when _spawn says so. None in a cold run."""
+    global PREFORKED
+    child, PREFORKED = PREFORKED, None
+    if child is not None:
+        child.prepare(argv, user=user, env=environ, netns=netns.path(record.netns),
+                      in_child=(dns.bind_name_files, (state.sandbox_dir(record.id),)))
+    return child
+
+
 def _setup(stack: ExitStack, profile: Profile, argv: Sequence[str], user: launch.User,
            environ: Mapping[str, str]) -> Started:
     nat = profile.network == "nat"
     if nat:
-        from .doctor import launch_blockers
-
-        blockers = launch_blockers()
+        blockers = _launch_blockers()
         if blockers:  # never more permissive than the profile, and never an app that silently cannot connect
             raise SetupError("another firewall on this host would drop this sandbox's traffic, so nsfw will not "
                              "start it:\n  " + "\n  ".join(blockers) + "\n(`nsfw doctor` checks it all again)")
     _fault("checked")
+    env = netns.host_env(exclude_prefix=PREFIX) if nat else HostEnv()
+    ipv6 = nat and profile.ipv6 and env.default6
+    claimed = _claim(profile, argv, user, ipv6, env.routes) if POOL_OWNER else None
+    if POOL_OWNER:
+        _say_to_pool(b"want %s\n" % pool_kind(profile.network, ipv6).encode())
+    if claimed is not None:
+        record, inst = claimed
+        _release_on_failure(stack, record, inst)
+        _fault("record")
+    else:
+        record, inst = _new_record(profile.network, ipv6, env.routes, profile=profile.name, profile_path=profile.path,
+                                   profile_sha256=profile.sha256, command=list(argv), uid=user.uid, user=user.name)
+        stack.callback(reconcile.release, record)
+        _fault("record")
+        _build(stack, inst, nat)
+    return _arm(stack, record, inst, env, profile, argv, user, environ)
+
+
+def _new_record(network: str, ipv6: bool, routes: Sequence[IPNetwork], **fields: Any) -> tuple[state.Record, Instance]:
+    """A new sandbox's record, saved before any kernel object it names exists, and its instance."""
+    nat = network == "nat"
     with state.locked():
         reconcile.reap_dead()
-        env = netns.host_env(exclude_prefix=PREFIX) if nat else HostEnv()
         slot = None
         conf = config.load()
         if nat:
-            taken = [ipaddress.ip_network(a, strict=False) for r in state.records() for a in r.addresses]
-            slot = allocate_slot((), env.routes, conf.pool4, conf.pool6, taken)
+            taken = [ipaddress.ip_network(a, strict=False) for r in state.records(include_pool=True)
+                     for a in r.addresses]
+            slot = allocate_slot((), routes, conf.pool4, conf.pool6, taken)
             if slot is None:
                 raise SetupError(f"no free address for a new sandbox: every slot of the pool {conf.pool4} is taken "
                                  f"or routed by the host (stop some sandboxes, or widen pool: in {config.PATH})")
-        inst = Instance(new_id(), slot, ipv6=nat and profile.ipv6 and env.default6, pool4=conf.pool4,
-                        pool6=conf.pool6)
+        inst = Instance(new_id(), slot, ipv6=ipv6, pool4=conf.pool4, pool6=conf.pool6)
         addresses = [str(a) for a in (inst.address4, inst.address6) if a] if nat else []
-        record = state.new_record(
-            id=inst.id, profile=profile.name, profile_path=profile.path, profile_sha256=profile.sha256,
-            command=list(argv), uid=user.uid, user=user.name, network=profile.network, netns=inst.netns,
-            slot=slot, veth=inst.veth if nat else None, table=inst.table if nat else None, addresses=addresses)
+        record = state.new_record(id=inst.id, network=network, netns=inst.netns, slot=slot,
+                                  veth=inst.veth if nat else None, table=inst.table if nat else None,
+                                  addresses=addresses, **fields)
         state.save(record)
-    stack.callback(reconcile.release, record)
-    _fault("record")
+    return record, inst
 
+
+def _build(stack: ExitStack, inst: Instance, nat: bool) -> None:
+    """The sandbox's kernel objects, none of which depends on the profile: its namespace with loopback up and,
+    for `nat`, the veth pair with its addresses and routes, and forwarding on. A warm daemon builds them
+    ahead of launches (prebuild); the profile's rules go on at launch (_arm)."""
     netns.create(inst.netns)
     stack.callback(netns.remove, inst.netns)
     _fault("netns")
-    gateways: list[str] = []
     if nat:
         netns.add_veth(inst.veth, inst.netns)
         stack.callback(netns.delete_link, inst.veth)
         _fault("veth")
         netns.configure_host_side(inst.veth, inst.gateway4, inst.gateway6)
-        stack.callback(nft.delete_table, inst.table)
-        nft.apply(rules.host_ruleset(inst, profile), "host-side ruleset")
-        _fault("host-rules")
         forwarding.enable(inst.ipv6)
         _fault("forwarding")
-        gateways = [str(a.ip) for a in (inst.gateway4, inst.gateway6) if a]
+    netns.configure_sandbox_side(inst.netns, inst.address4 if nat else None, inst.gateway4 if nat else None,
+                                 inst.address6, inst.gateway6)
+
+
+def _arm(stack: ExitStack, record: state.Record, inst: Instance, env: HostEnv, profile: Profile,
+         argv: Sequence[str], user: launch.User, environ: Mapping[str, str]) -> Started:
+    """The profile's part of a launch, on built kernel objects: the rulesets, the keeper, then COMMAND."""
+    nat = profile.network == "nat"
+    gateways = [str(a.ip) for a in (inst.gateway4, inst.gateway6) if a] if nat else []
     files = state.sandbox_dir(inst.id)
     stack.callback(state.drop_dir, inst.id)
     log = dns.write_files(files, gateways[0] if gateways else None, user)
-    netns.configure_sandbox_side(inst.netns, inst.address4 if nat else None, inst.gateway4 if nat else None,
-                                 inst.address6, inst.gateway6)
+    # In a warm launch the keeper (forked ahead) starts the resolver, and COMMAND's process gets ready to exec,
+    # while the rulesets go in: side by side (two cores are common); COMMAND execs only after all of it. A cold
+    # launch forks its keeper after the rulesets instead: forked before, the pages the rulesets' work fills
+    # would be the supervisor's alone rather than shared with the keeper (about 25 MiB more per sandbox).
+    owned: Owned = (inst, profile, env.addresses, log) if nat else None
+    kept = _start_keeper(record, owned) if PREFORKED_KEEPER is not None else None
+    if kept is not None:
+        stack.callback(kept.kill)
+    prepared = _prepare_command(record, argv, user, environ)
+    if prepared is not None:
+        stack.callback(prepared.close)
+    if nat:
+        stack.callback(nft.delete_table, inst.table)
+        nft.apply(rules.host_ruleset(inst, profile), "host-side ruleset")
+        _fault("host-rules")
     with netns.entered(inst.netns):
         nft.apply(rules.sandbox_ruleset(profile, env, gateways), "sandbox ruleset")
     _fault("sandbox-rules")
 
-    def start_owned() -> None:  # in the keeper: the resolver is its child, the granter its thread
-        if nat:
-            dns.start(inst, netns.path(inst.netns), profile, env.addresses, log).granter.start()
-
-    kept = _start_keeper(record, start_owned)
-    stack.callback(kept.kill)
+    if kept is None:
+        kept = _start_keeper(record, owned)
+        stack.callback(kept.kill)
+    _await_keeper(kept)
     record.keeper_pid, record.keeper_start = kept.pid, state.proc_start_time(kept.pid) or 0
     state.save(record)
     _fault("keeper")
 
-    pid = _spawn(record, argv, user, environ)
+    pid = _spawn(record, argv, user, environ, prepared)
     record.command_pid = pid
     state.save(record)
     _fault("spawned")
     return Started(pid, record, kept)
 
 
-def _start_keeper(record: state.Record, start_owned: Callable[[], None]) -> Keeper:
+# --- the warm daemon's pool ---------------------------------------------------------------------------------
+
+POOL_OWNER = 0  # in a warm launcher: the pid of the daemon whose pooled sandboxes it may take
+POOL_NOTIFY = -1  # and the pipe on which it tells the daemon what it took, to be built again
+PREFORKED: launch.Preforked | None = None  # in a warm launcher: COMMAND's process, forked ahead
+PREFORKED_KEEPER: Keeper | None = None  # and the keeper, waiting for its sandbox
+BLOCKERS_CHECKED: tuple[float, list[str]] | None = None  # the daemon's launch_blockers(), and when (monotonic)
+BLOCKERS_TTL = 5.0
+
+
+def _launch_blockers() -> list[str]:
+    """doctor.launch_blockers(), or the warm daemon's answer when it is recent (see warm.py)."""
+    if BLOCKERS_CHECKED is not None and time.monotonic() - BLOCKERS_CHECKED[0] < BLOCKERS_TTL:
+        return BLOCKERS_CHECKED[1]
+    from .doctor import launch_blockers
+
+    return launch_blockers()
+
+
+def _say_to_pool(note: bytes) -> None:
+    try:
+        os.write(POOL_NOTIFY, note)
+    except OSError:  # the daemon has gone: nobody refills, which is no launch's concern
+        pass
+
+
+def pool_kind(network: str, ipv6: bool) -> str:
+    return "nat6" if network == "nat" and ipv6 else network
+
+
+def prebuild(network: str, ipv6: bool) -> state.Record:
+    """For the warm daemon: a sandbox's kernel objects with no profile, no keeper and no process, recorded as
+    the daemon's (so that `nsfw gc` removes them if the daemon dies, and ps, stop and joins never see them).
+    A failure removes what was built, and raises."""
+    stack = ExitStack()
+    with stack:
+        routes = netns.host_env(exclude_prefix=PREFIX).routes if network == "nat" else ()
+        record, inst = _new_record(network, ipv6, routes, pooled=True, profile="", profile_path="", profile_sha256="",
+                                   command=[], uid=0, user="")
+        stack.callback(reconcile.release, record)
+        _build(stack, inst, network == "nat")
+        stack.pop_all()
+    return record
+
+
+def pool_stale(record: state.Record, routes: Sequence[IPNetwork]) -> bool:
+    """A pooled sandbox whose addresses overlap a route the host gained since it was built (a VPN, a LAN):
+    a launch would not have picked that slot, so none takes this sandbox (the daemon removes it)."""
+    own = [ipaddress.ip_network(a, strict=False) for a in record.addresses]
+    return any(r not in own and r.version == n.version and r.overlaps(n) for r in routes for n in own)
+
+
+def _claim(profile: Profile, argv: Sequence[str], user: launch.User, ipv6: bool,
+           routes: Sequence[IPNetwork]) -> tuple[state.Record, Instance] | None:
+    """Take one of the daemon's pooled sandboxes of the kind this launch needs: from here it is this launch's,
+    removed by it on failure and by its keeper after. None when the pool has none (then build one here)."""
+    kind = pool_kind(profile.network, ipv6)
+    conf = config.load()
+    with state.locked():
+        for record in state.records(include_pool=True):
+            if (record.pooled and record.supervisor_pid == POOL_OWNER and pool_kind(record.network, bool(
+                    record.addresses[1:])) == kind and not record.closing and not pool_stale(record, routes)
+                    and os.path.exists(netns.path(record.netns))):
+                record.pooled = False
+                record.profile, record.profile_path, record.profile_sha256 = profile.name, profile.path, profile.sha256
+                record.command, record.uid, record.user = list(argv), user.uid, user.name
+                record.supervisor_pid, record.supervisor_start = os.getpid(), state.proc_start_time(os.getpid()) or 0
+                record.started_at = time.time()
+                state.save(record)
+                return record, Instance(record.id, record.slot, ipv6=ipv6, pool4=conf.pool4, pool6=conf.pool6)
+    return None
+
+
+def _release_on_failure(stack: ExitStack, record: state.Record, inst: Instance) -> None:
+    """What _new_record and _build registered, for a claimed sandbox: the same removal in the same order."""
+    stack.callback(reconcile.release, record)
+    stack.callback(netns.remove, inst.netns)
+    if record.veth:
+        stack.callback(netns.delete_link, record.veth)
+
+
+def _start_owned(inst: Instance, profile: Profile, addresses: Sequence[IPAddress], log: str) -> None:
+    """In the keeper: the resolver is its child, the granter its thread."""
+    dns.start(inst, netns.path(inst.netns), profile, addresses, log).granter.start()
+
+
+Owned = tuple[Instance, Profile, tuple[IPAddress, ...], str] | None  # _start_owned's arguments; None: nothing
+
+
+def _start_keeper(record: state.Record, owned: Owned) -> Keeper:
+    global PREFORKED_KEEPER
+    if PREFORKED_KEEPER is not None:
+        kept, PREFORKED_KEEPER = PREFORKED_KEEPER, None
+        try:
+            keeper.send_sandbox(kept.to_keeper, record, owned)
+        except OSError:
+            kept.kill()
+            raise SetupError("the sandbox's keeper, started ahead, is gone") from None
+    else:
+        kept = _fork_keeper(lambda from_supervisor, to_supervisor: keeper.keep(
+            record, from_supervisor, to_supervisor, lambda: _start_owned(*owned) if owned else None))
+    return kept
+
+
+def _await_keeper(kept: Keeper) -> None:
+    """Until the keeper says it runs what it owns; on failure, removes it and raises."""
+    ready, _w, _x = select.select([kept.from_keeper], [], [], KEEPER_TIMEOUT)
+    if not ready or os.read(kept.from_keeper, 16) != b"ready":
+        kept.kill()
+        raise SetupError("the sandbox's keeper did not start (its resolver could not bind port 53 on the "
+                         "gateway?); run `nsfw doctor`")
+
+
+def prefork_keeper() -> None:
+    """For a warm launcher, before its launch arrives: the keeper, forked now, waits to be told its sandbox."""
+    global PREFORKED_KEEPER
+
+    def wait(from_supervisor: int, to_supervisor: int) -> NoReturn:
+        keeper.close_all_but({from_supervisor, to_supervisor})  # what the launcher holds is not the keeper's
+        record, owned = keeper.receive_sandbox(from_supervisor)
+        keeper.keep(record, from_supervisor, to_supervisor, lambda: _start_owned(*owned) if owned else None)
+
+    PREFORKED_KEEPER = _fork_keeper(wait)
+
+
+def _fork_keeper(body: Callable[[int, int], NoReturn]) -> Keeper:
     to_r, to_w = os.pipe()
     from_r, from_w = os.pipe()
     pid = os.fork()
@@ -255,14 +437,9 @@ def _start_keeper(record: state.Record, start_owned: Callable[[], None]) -> Keep
             for fd in (0, 1, 2):  # it may outlive the terminal, and must not hold a pipe's end open
                 os.dup2(null, fd)
             os.close(null)
+            body(to_r, from_w)
         finally:
-            keeper.keep(record, to_r, from_w, start_owned)
+            os._exit(1)
     os.close(to_r)
     os.close(from_w)
-    kept = Keeper(pid, to_w, from_r)
-    ready, _w, _x = select.select([from_r], [], [], KEEPER_TIMEOUT)
-    if not ready or os.read(from_r, 16) != b"ready":
-        kept.kill()
-        raise SetupError("the sandbox's keeper did not start (its resolver could not bind port 53 on the "
-                         "gateway?); run `nsfw doctor`")
-    return kept
+    return Keeper(pid, to_w, from_r)

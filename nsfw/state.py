@@ -44,6 +44,7 @@ class Record:
     keeper_start: int = 0
     command_pid: int = 0
     closing: bool = False  # being removed: nobody may join it any more
+    pooled: bool = False  # built ahead by the warm daemon (its supervisor), for no profile yet
     started_at: float = 0.0
     version: int = 1
 
@@ -119,7 +120,9 @@ def load(record_id: str) -> Record | None:
         return None
 
 
-def records() -> list[Record]:
+def records(include_pool: bool = False) -> list[Record]:
+    """The sandboxes' records; the warm daemon's pool (built, not yet launched) only when asked for: it runs
+    nothing, so ps, stop and joins have no business with it, but clean-up and address allocation do."""
     out: list[Record] = []
     try:
         entries = sorted(os.listdir(_dir(SANDBOXES)))
@@ -130,7 +133,9 @@ def records() -> list[Record]:
             continue
         try:
             with open(_dir(SANDBOXES, name)) as f:
-                out.append(Record(**json.load(f)))
+                record = Record(**json.load(f))
+            if include_pool or not record.pooled:
+                out.append(record)
         except (OSError, ValueError, TypeError):
             continue  # a foreign or broken file is not ours to interpret
     return out

@@ -189,7 +189,7 @@ def _links() -> list[str]:
 def _leftovers(root: bool) -> Check:
     from .. import state
 
-    views = [RecordView(r.id, state.alive(r), r.netns, r.veth, r.table) for r in state.records()]
+    views = [RecordView(r.id, state.alive(r), r.netns, r.veth, r.table) for r in state.records(include_pool=True)]
     try:
         ns = os.listdir(NETNS_DIR)
     except OSError:

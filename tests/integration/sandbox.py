@@ -23,6 +23,7 @@ def baseline(world: Any) -> Iterator[None]:
     """Whatever a test does, nsfw must leave the simulated host exactly as it found it."""
     before = world.snapshot()
     yield
+    settle(world)  # `nsfw run` returns COMMAND's status first; the keeper removes the sandbox right after
     after = world.snapshot()
     assert not snapshot_diff(before, after), "nsfw left something behind: " + "; ".join(snapshot_diff(before, after))
 

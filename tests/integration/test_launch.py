@@ -22,7 +22,16 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from nsfw.errors import SetupError
-from nsfw.launch import DEFAULT_FORWARD, ExecError, User, invoking_user, read_as_user, spawn, wait_child
+from nsfw.launch import (
+    DEFAULT_FORWARD,
+    ExecError,
+    User,
+    invoking_user,
+    prefork,
+    read_as_user,
+    spawn,
+    wait_child,
+)
 
 if TYPE_CHECKING:
     from tests.conftest import LocalUser
@@ -579,3 +588,71 @@ def test_command_starts_with_default_signal_handling(user: User, shared: Path) -
     assert int(state["SigBlk"], 16) == 0
     for ignored_by_python in (signal.SIGPIPE, signal.SIGXFSZ):
         assert int(state["SigIgn"], 16) & (1 << (ignored_by_python - 1)) == 0, ignored_by_python.name
+
+
+# --- COMMAND's process forked ahead (the warm daemon's spare launchers) ------------------------------------------
+
+
+def _touch_factory(path: str) -> Callable[[], None]:
+    """An in_child step for a child forked ahead: sent as (factory, args), since a closure cannot be."""
+
+    def touch() -> None:
+        Path(path).write_text(str(os.getuid()))  # still root, before the privilege drop
+
+    return touch
+
+
+UMASK_TOO = "\nwith open(sys.argv[1] + '.umask', 'w') as f:\n    f.write(oct(os.umask(0)))\n"
+
+
+def test_a_command_forked_ahead_gets_what_spawn_gives(user: User, shared: Path,
+                                                    anon_netns: tuple[int, int]) -> None:
+    fd, inode = anon_netns
+    os.chdir("/")
+    old_umask = os.umask(0o022)
+    child = prefork()  # forked here, with this cwd and umask: what the launch sets later must still reach it
+    try:
+        os.chdir(shared)
+        os.umask(0o027)
+        leaked = os.open("/dev/null", os.O_RDONLY)
+        os.set_inheritable(leaked, True)
+        marker = shared / "in_child"
+        out = shared / "probe.json"
+        child.prepare([PYTHON, "-I", "-c", PROBE + UMASK_TOO, str(out)], user=user, env=ENV,
+                      netns=f"/proc/{os.getpid()}/fd/{fd}", in_child=(_touch_factory, (str(marker),)))
+        os.close(leaked)
+        os.chdir("/")  # too late: the plan went with the cwd of its time
+        pid = child.start()
+        assert wait_child(pid) == 0
+    finally:
+        os.umask(old_umask)
+    report = json.loads(out.read_text())
+    assert report["resuid"] == [user.uid] * 3 and set(report["groups"]) == set(user.groups)
+    _assert_no_privileges(report)
+    assert report["netns"] == inode and report["environ"] == ENV and report["cwd"] == str(shared)
+    assert set(report["fds"]) <= {0, 1, 2}
+    assert marker.read_text() == "0"
+    assert (shared / "probe.json.umask").read_text() == "0o27"
+
+
+def test_a_command_forked_ahead_reports_what_cannot_run(user: User, shared: Path) -> None:
+    child = prefork()
+    child.prepare(["/no/such/program"], user=user, env=ENV, netns=None, in_child=None)
+    with pytest.raises(ExecError) as caught:
+        child.start()
+    assert caught.value.exit_code == 127 and _is_reaped(child.pid)
+
+
+def test_a_prepared_command_never_told_to_start_never_runs(user: User, shared: Path) -> None:
+    marker = shared / "ran"
+    child = prefork()
+    child.prepare(["touch", str(marker)], user=user, env=ENV, netns=None, in_child=None)
+    child.close()  # the launch failed after COMMAND's process got ready: it leaves without exec
+    assert _is_reaped(child.pid) and not marker.exists()
+
+
+def test_a_child_forked_ahead_and_never_used_leaves() -> None:
+    child = prefork()
+    assert not _is_gone(child.pid)
+    child.close()
+    assert _is_reaped(child.pid)

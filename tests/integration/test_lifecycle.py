@@ -13,7 +13,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import pytest
 
 from nsfw.sandbox import SETUP_STEPS
 
-from .sandbox import NSFW, baseline, profile_dir, run, settle, snapshot_diff, write_profile
+from .sandbox import NSFW, ROOT, baseline, profile_dir, run, settle, snapshot_diff, write_profile
 
 __all__ = ["baseline", "profile_dir", "snapshot_diff"]  # fixtures, used by name
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="integration tests build namespaces: run as root")
@@ -34,8 +34,17 @@ def nsfw(world: Any, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
 
 
 def records(world: Any) -> list[dict[str, Any]]:
-    out = world.run(["sh", "-c", "cat /run/nsfw/sandboxes/*.json 2>/dev/null"]).stdout
-    return [json.loads(c) for c in out.replace("}\n{", "}\x00{").split("\x00") if c.strip()]
+    out = world.run(["sh", "-c", "for f in /run/nsfw/sandboxes/*.json; do [ -e $f ] && cat $f && printf '\\0'; done"]
+                    ).stdout
+    return [json.loads(c) for c in out.split("\x00") if c.strip()]
+
+
+def until(what: Callable[[], bool], timeout: float = 15) -> bool:
+    """A keeper removes its sandbox after `nsfw run` returned: wait (boundedly) for what that leads to."""
+    deadline = time.monotonic() + timeout
+    while not what() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return what()
 
 
 @contextmanager
@@ -160,7 +169,7 @@ def test_supervisor_killed_while_command_runs_kills_the_whole_tree(world: Any) -
 def test_command_killed_leaves_nothing(world: Any) -> None:
     done = run(world, "default", "sh", "-c", "kill -KILL $$")
     assert done.returncode == 137
-    assert not records(world)  # removed before nsfw exited; the baseline fixture checks the rest
+    assert until(lambda: not records(world))  # its keeper removes it; the baseline fixture checks the rest
 
 
 # ---------------------------------------------------------------------------------------------- joining
@@ -183,7 +192,7 @@ def test_second_run_joins_and_the_sandbox_lives_until_its_last_process(world: An
     assert second.stdout.readline().strip() == "ready"
     other = run(world, "default", "sh", "-c", NETNS, new=True)
     assert other.stdout.strip() != ns_first  # --new starts its own
-    assert len(records(world)) == 1
+    assert until(lambda: len(records(world)) == 1)  # its keeper removed it: nothing else ran there
     first.communicate("\n", timeout=20)  # the first COMMAND ends: its nsfw exits, the sandbox stays
     assert first.returncode == 0 and len(records(world)) == 1
     out, _ = second.communicate("\n", timeout=20)
@@ -287,3 +296,52 @@ def test_a_forward_drop_by_another_firewall_is_refused_at_launch(world: Any, tmp
         assert run(world, "offline", "true").returncode == 0  # no forwarding needed, nothing in the way
     finally:
         world.run(["nft", "delete", "table", "ip", "filter"])
+
+
+HOST_ENV_BOTH_WAYS = """
+import ipaddress, json, sys
+sys.path.insert(0, sys.argv[1])
+from pyroute2 import IPRoute
+from nsfw import netns
+with IPRoute() as ipr:
+    skip = {l["index"] for l in ipr.get_links() if (l.get_attr("IFLA_IFNAME") or "").startswith("nsfw")}
+    addrs = sorted({str(ipaddress.ip_address((a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")).split("%")[0]))
+                    for a in ipr.get_addr()})
+    routes, connected, default6 = [], [], False
+    for fam in (2, 10):
+        for r in ipr.get_routes(family=fam, table=254):
+            dst = r.get_attr("RTA_DST")
+            if not dst:
+                default6 = default6 or (fam == 10 and r["dst_len"] == 0)
+                continue
+            net = ipaddress.ip_network(f"{dst}/{r['dst_len']}", strict=False)
+            routes.append(str(net))
+            if (r.get_attr("RTA_GATEWAY") is None and r["type"] == 1 and r.get_attr("RTA_OIF") not in skip
+                    and not net.is_link_local):
+                connected.append(str(net))
+env = netns.host_env(exclude_prefix="nsfw")
+print(json.dumps([[addrs, sorted(set(connected)), sorted(routes), default6],
+                  [sorted(map(str, env.addresses)), sorted(map(str, env.connected)), sorted(map(str, env.routes)),
+                   env.default6]]))
+"""
+
+
+def test_the_host_is_read_as_pyroute2_reads_it(world: Any) -> None:
+    """netns.host_env speaks rtnetlink itself (launch speed): it must see what a full netlink library sees,
+    on-link routes, routes through a gateway, another table and a sandbox's own veth included."""
+    added = [["ip", "route", "add", "192.0.2.128/25", "dev", "lan0"],
+             ["ip", "route", "add", "203.0.113.0/24", "via", "10.77.0.10"],
+             ["ip", "route", "add", "198.51.100.0/24", "dev", "lan0", "table", "100"]]
+    for cmd in added:
+        assert world.run(cmd).returncode == 0
+    try:
+        with running(world, "-p", "default"):
+            done = world.run(["/usr/bin/python3", "-I", "-c", HOST_ENV_BOTH_WAYS, str(ROOT)])
+            assert done.returncode == 0, done.stderr
+            theirs, ours = json.loads(done.stdout)
+            assert ours == theirs
+            assert "192.0.2.128/25" in ours[1] and "203.0.113.0/24" not in ours[1] and "203.0.113.0/24" in ours[2]
+            assert "198.51.100.0/24" not in ours[2] and not any(n.startswith("10.213.") for n in ours[1])
+    finally:
+        for cmd in added:
+            world.run(["ip", "route", "del", *cmd[3:]])
