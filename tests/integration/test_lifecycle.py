@@ -27,6 +27,9 @@ from .sandbox import NSFW, ROOT, baseline, profile_dir, run, settle, snapshot_di
 __all__ = ["baseline", "profile_dir", "snapshot_diff"]  # fixtures, used by name
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="integration tests build namespaces: run as root")
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "NSFW_PROBE_TIMEOUT": "1"}
+# A fraction of a second unique to this test session: the world shares the machine's process list, so a
+# `pgrep` for plain `sleep 300` would also see another session's sleeps.
+TAG = f".{os.getpid()}"
 
 
 def nsfw(world: Any, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -86,7 +89,7 @@ def test_ps_lists_sandboxes_with_counters(world: Any) -> None:
 
 
 def test_stop_by_profile_ends_the_whole_sandbox(world: Any) -> None:
-    script = "trap 'echo term; exit 3' TERM; (sleep 300 &); echo ready; while :; do sleep 0.05; done"
+    script = f"trap 'echo term; exit 3' TERM; (sleep 300{TAG} &); echo ready; while :; do sleep 0.05; done"
     proc = world.popen([NSFW, "run", "-p", "default", "--", "sh", "-c", script], env=ENV,
                        stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
@@ -94,7 +97,7 @@ def test_stop_by_profile_ends_the_whole_sandbox(world: Any) -> None:
     assert done.returncode == 0 and "stopped" in done.stdout, done.stderr
     out, _ = proc.communicate(timeout=20)
     assert "term" in out and proc.returncode == 3
-    assert not world.run(["pgrep", "-f", "^sleep 300"]).stdout.strip()  # the orphaned grandchild too
+    assert not world.run(["pgrep", "-f", f"^sleep 300{TAG}"]).stdout.strip()  # the orphaned grandchild too
     settle(world)
 
 
@@ -122,7 +125,7 @@ def _kill_nsfw(world: Any, pattern: str) -> None:
 
 
 def test_gc_after_supervisor_and_keeper_are_killed(world: Any) -> None:
-    script = "(setsid sleep 311 >/dev/null 2>&1 &); echo ready; exec sleep 300"
+    script = f"(setsid sleep 311{TAG} >/dev/null 2>&1 &); echo ready; exec sleep 300{TAG}"
     proc = world.popen([NSFW, "run", "-p", "default", "--", "sh", "-c", script], env=ENV, stdout=subprocess.PIPE,
                        text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
@@ -135,7 +138,7 @@ def test_gc_after_supervisor_and_keeper_are_killed(world: Any) -> None:
     assert any(r["id"] == rec["id"] for r in records(world))  # the dry run removed nothing
     done = nsfw(world, "gc")
     assert done.returncode == 0 and rec["id"] in done.stdout and "1 process(es)" in done.stdout, done.stdout
-    assert not world.run(["pgrep", "-f", "^sleep 311"]).stdout.strip()  # the stray was killed
+    assert not world.run(["pgrep", "-f", f"^sleep 311{TAG}"]).stdout.strip()  # the stray was killed
     assert nsfw(world, "gc").stdout.strip() == "nothing to do"  # a second run finds nothing
 
 
@@ -154,14 +157,14 @@ def test_supervisor_killed_at_each_setup_step(world: Any, tmp_path: Path, step: 
 
 
 def test_supervisor_killed_while_command_runs_kills_the_whole_tree(world: Any) -> None:
-    script = ("(setsid sh -c 'sleep 301' &); (sleep 302 &); "
-              f"{shlex.join(world.probe_argv('tcp', '192.0.2.10', 80))} >/dev/null; exec sleep 303")
+    script = (f"(setsid sh -c 'sleep 301{TAG}' &); (sleep 302{TAG} &); "
+              f"{shlex.join(world.probe_argv('tcp', '192.0.2.10', 80))} >/dev/null; exec sleep 303{TAG}")
     proc = world.popen([NSFW, "run", "-p", "default", "--", "sh", "-c", script], env={**ENV,
                        "NSFW_TEST_KILL_AT": "command"}, stdout=subprocess.PIPE, text=True)
     proc.wait(timeout=20)
     assert proc.returncode in (-9, 137)
     settle(world)
-    leftovers = world.run(["pgrep", "-f", "^sleep 30[123]"]).stdout.split()
+    leftovers = world.run(["pgrep", "-f", rf"^sleep 30[123]\{TAG}"]).stdout.split()
     assert not leftovers, "COMMAND's whole tree must die with its supervisor"
     nsfw(world, "gc")
 
