@@ -4,8 +4,9 @@ The sandbox's table classifies each new outbound connection's destination into a
 lookup, then decides in that zone's chain. Profile rules become set elements, not rules, so a profile of ten
 thousand CIDRs costs the data path a lookup, not ten thousand comparisons:
 
-    output: loopback, established, DNS (the host redirects it to the sandbox's resolver) -> accept;
-            cidr deny and denied-name sets -> reject;
+    raw:    TCP is not tracked in the sandbox (see below)
+    output: loopback, TCP but a connection's first SYN, established, DNS (the host redirects it to the
+            sandbox's resolver) -> accept; cidr deny and denied-name sets -> reject;
             daddr vmap @zone (host -> to_host, lan -> to_lan, other -> to_other), else to_internet
     to_ZONE: zone deny rules -> reject; granted name addresses (lan, internet) -> accept;
              cidr allow set -> accept (not to_host); zone allow rules -> accept; the profile's default
@@ -13,6 +14,14 @@ thousand CIDRs costs the data path a lookup, not ten thousand comparisons:
 The host's table for a `nat` sandbox (host_ruleset) redirects its DNS, masquerades it, and isolates it. The
 sandbox's table has no nat chain: a nat hook there would cost every new connection, where the host's
 conntrack, which NAT needs anyway, carries the redirect for nothing.
+
+TCP is not tracked in the sandbox's namespace: conntrack there cost every new connection about a tenth of its
+rate, and the host's conntrack, which NAT needs anyway, already follows each flow. Only a connection's first
+packet, a bare SYN, is classified; the rest of it passes. The host's table keeps that honest: from the sandbox
+it drops TCP that its conntrack finds invalid, or new without being a bare SYN (a mid-stream ACK would otherwise
+open a flow nobody classified), and it lets into the sandbox only replies. Rejects stay in the sandbox, whose
+ICMP errors reach the app over loopback, free of the ICMP rate limit a reject from the host would hit. UDP and
+ICMP keep conntrack in the sandbox: a UDP flow to a granted name must outlive the grant, which needs state.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ ICMP = {4: 1, 6: 58}
 PROTO_NAME = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp"}
 ALL: Span = (0, 255)
 ALL_PORTS: Span = (0, 65535)
+RAW = -300  # before conntrack (-200), where notrack must be
 ND_TYPES = ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert"]
 
 
@@ -75,8 +85,21 @@ def _saddr(version: int) -> dict[str, Any]:
 PROTO_PORT = {"concat": [_meta("l4proto"), _payload("th", "dport")]}
 ESTABLISHED = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
 INVALID = _match({"ct": {"key": "state"}}, "invalid", "in")
+NEW = _match({"ct": {"key": "state"}}, "new", "in")
 ND = _match(_payload("icmpv6", "type"), {"set": ND_TYPES})
 DNS = _match(PROTO_PORT, {"set": [{"concat": ["udp", 53]}, {"concat": ["tcp", 53]}]})
+TCP = _match(_meta("l4proto"), "tcp")
+_FLAGS = _payload("tcp", "flags")  # nft adds the `meta l4proto tcp` this depends on
+# A connection's first packet: SYN, and none of ACK, FIN, RST (ECN's ECE and CWR may ride along).
+NOT_FIRST_SYN = _match({"&": [_FLAGS, ["fin", "syn", "rst", "ack"]]}, "syn", "!=")
+# An opening SYN from outside: the sandbox takes no connections (SYN-ACK, a reply, does not match).
+OPENING_SYN = _match({"&": [_FLAGS, ["syn", "ack"]]}, "syn")
+# ICMP errors about the sandbox's TCP flows, which its conntrack cannot call related (TCP is untracked there):
+# path MTU ("fragmentation needed" is a destination-unreachable code), unreachable, time exceeded.
+ICMP_ERRORS = [
+    _match(_payload("icmp", "type"), {"set": ["destination-unreachable", "time-exceeded"]}),
+    _match(_payload("icmpv6", "type"), {"set": ["destination-unreachable", "packet-too-big", "time-exceeded"]}),
+]
 
 
 def _verdict(v: str, target: str | None = None) -> dict[str, Any]:
@@ -422,11 +445,16 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
     parts = _parts(profile)
     cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}, *_sets(profile, parts)]
     resolvers: dict[int, str] = {ipaddress.ip_address(g).version: g for g in gateways}
+    cmds += [_chain("raw_output", "filter", "output", RAW), _chain("raw_prerouting", "filter", "prerouting", RAW)]
     cmds += [_chain("output", "filter", "output", 0, "drop"), _chain("input", "filter", "input", 0, "drop")]
     cmds += [_chain(chain) for chain in ZONE_CHAINS]
     cmds += _zone_maps(env, gateways)
+    cmds += [_rule(chain, TCP, {"notrack": None}) for chain in ("raw_output", "raw_prerouting")]
     cmds += [
         _rule("output", _match(_meta("oif"), "lo"), _verdict("accept")),
+        # The rest of a connection whose SYN this chain accepted (or a reset of one it refused): the host's
+        # table drops what its conntrack does not know (host_ruleset).
+        _rule("output", NOT_FIRST_SYN, _verdict("accept")),
         _rule("output", ESTABLISHED, _verdict("accept")),
         _rule("output", INVALID, _verdict("drop")),
         _rule("output", ND, _verdict("accept")),
@@ -441,7 +469,12 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
         cmds += _zone_chain(chain, profile, parts)
     cmds += [
         _rule("input", _match(_meta("iif"), "lo"), _verdict("accept")),
+        # Replies to the sandbox's TCP: the host's table lets only those of flows its conntrack knows through.
+        _rule("input", OPENING_SYN, _verdict("drop")),
+        _rule("input", TCP, _verdict("accept")),
         _rule("input", ESTABLISHED, _verdict("accept")),
+        # Forwarded only when the host's conntrack found them related to a flow of the sandbox.
+        *(_rule("input", m, _verdict("accept")) for m in ICMP_ERRORS),
         _rule("input", ND, _verdict("accept")),
         _rule("input", _verdict("drop")),
     ]
@@ -499,12 +532,18 @@ def host_ruleset(inst: Instance, profile: Profile) -> list[Cmd]:
         else:  # a sandbox cannot send as anybody else
             cmds.append(_rule("forward", _match(iif, veth), _match(_saddr(v), str(addr.ip), "!="),
                               _verdict("drop"), table=t))
+    # The sandbox does not track TCP and passes every TCP packet but a first SYN unclassified (sandbox_ruleset):
+    # what is not part of a flow this conntrack saw open with a SYN, the sandbox's table never classified.
+    # With nf_conntrack_tcp_loose (the default) a mid-stream ACK would be taken as a new flow: not from here.
+    unknown_tcp = [[TCP, INVALID], [NEW, NOT_FIRST_SYN]]
+    cmds += [_rule("forward", _match(iif, veth), *m, _verdict("drop"), table=t) for m in unknown_tcp]
     cmds += [
         _rule("forward", _match(oif, veth), ESTABLISHED, _verdict("accept"), table=t),
         _rule("forward", _match(oif, veth), _verdict("drop"), table=t),
         _rule("input", _match(iif, veth), ESTABLISHED, _verdict("accept"), table=t),
         _rule("input", _match(iif, veth), ND, _verdict("accept"), table=t),
     ]
+    cmds += [_rule("input", _match(iif, veth), *m, _verdict("drop"), table=t) for m in unknown_tcp]
     # The sandbox's own table already enforces host rules; repeating them here keeps the host closed even if
     # that table were somehow gone.
     for rule in (_cells_rule("input", _zone_cells(profile.deny, "to_host"), "drop")

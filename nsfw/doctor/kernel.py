@@ -74,6 +74,17 @@ def _tiny_rulesets() -> list[tuple[str, list[dict[str, Any]]]]:
                                "policy": "accept"}}},
             {"add": {"rule": {"family": "inet", "chain": "o", "expr": [
                 {"match": {"op": "==", "left": concat, "right": "@s"}}, {"accept": None}]}}})),
+        ("raw chain with notrack, TCP flags (the sandbox's TCP is not tracked)", table(
+            "notrack",
+            {"add": {"chain": {"family": "inet", "name": "r", "type": "filter", "hook": "output", "prio": -300,
+                               "policy": "accept"}}},
+            {"add": {"rule": {"family": "inet", "chain": "r", "expr": [
+                {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
+                {"notrack": None}]}}},
+            {"add": {"rule": {"family": "inet", "chain": "r", "expr": [
+                {"match": {"op": "!=", "left": {"&": [{"payload": {"protocol": "tcp", "field": "flags"}},
+                                                      ["fin", "syn", "rst", "ack"]]}, "right": "syn"}},
+                {"accept": None}]}}})),
     ]
 
 

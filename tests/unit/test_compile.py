@@ -118,6 +118,9 @@ def mentions(expr: Any, needle: str) -> bool:
 NOMATCH = object()
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58}
 ND = {"nd-router-solicit": 133, "nd-router-advert": 134, "nd-neighbor-solicit": 135, "nd-neighbor-advert": 136}
+ICMP_TYPES = {4: {"destination-unreachable": 3, "redirect": 5, "echo-request": 8, "time-exceeded": 11},
+              6: {**ND, "destination-unreachable": 1, "packet-too-big": 2, "time-exceeded": 3, "echo-request": 128,
+                  "nd-redirect": 137}}
 
 
 @dataclass(frozen=True)
@@ -131,10 +134,13 @@ class Pkt:
     iif: str = "eth0"
     oif: str = "eth0"
     icmp_type: int | None = None
+    flags: frozenset[str] = frozenset({"syn"})  # TCP's; the default is a connection's first packet
 
 
 def pkt(daddr: str, proto: str | int = "tcp", dport: int = 443, **kw: Any) -> Pkt:
     a = ipaddress.ip_address(daddr)
+    if isinstance(kw.get("flags"), str):
+        kw["flags"] = frozenset(kw["flags"].split(","))
     num = proto if isinstance(proto, int) else {**PROTO_NUMBERS, "icmp": 1 if a.version == 4 else 58}[proto]
     if "saddr" in kw:
         kw["saddr"] = int(ipaddress.ip_address(kw["saddr"]))
@@ -146,7 +152,7 @@ def _kind(left: dict[str, Any]) -> str:
         return {"daddr": "addr", "saddr": "addr", "dport": "port", "type": "icmp_type"}[left["payload"]["field"]]
     if "meta" in left:
         return "proto" if left["meta"]["key"] == "l4proto" else "str"
-    return "str"
+    return "str"  # ct state, and tcp flags (compared as sets)
 
 
 def _value(left: dict[str, Any], p: Pkt) -> Any:
@@ -160,6 +166,10 @@ def _value(left: dict[str, Any], p: Pkt) -> Any:
     if "ct" in left:
         assert left["ct"]["key"] == "state"
         return p.state
+    if "&" in left:  # tcp flags & (...)
+        field, mask = left["&"]
+        assert field == {"payload": {"protocol": "tcp", "field": "flags"}} and isinstance(mask, list), left
+        return p.flags & frozenset(mask) if p.proto == 6 else NOMATCH
     pl = left["payload"]
     proto, fld = pl["protocol"], pl["field"]
     if proto in ("ip", "ip6"):
@@ -171,6 +181,8 @@ def _value(left: dict[str, Any], p: Pkt) -> Any:
         return p.dport
     if proto == "icmpv6":
         return p.icmp_type if p.version == 6 and p.proto == 58 and p.icmp_type is not None else NOMATCH
+    if proto == "icmp":
+        return p.icmp_type if p.version == 4 and p.proto == 1 and p.icmp_type is not None else NOMATCH
     raise AssertionError(f"unknown payload {pl}")
 
 
@@ -195,7 +207,7 @@ def _scalar(x: Any, kind: str, version: int) -> Any:
     if kind == "proto" and isinstance(x, str):
         return PROTO_NUMBERS[x]
     if kind == "icmp_type" and isinstance(x, str):
-        return ND[x]
+        return ICMP_TYPES[version][x]
     return x
 
 
@@ -256,7 +268,9 @@ def _matches(m: dict[str, Any], p: Pkt, ix: Index, table: str) -> bool:
     if value is NOMATCH:
         return False
     kinds = [_kind(x) for x in left["concat"]] if "concat" in left else [_kind(left)]
-    if isinstance(right, str) and right.startswith("@"):
+    if "&" in left:
+        hit = value == frozenset(right if isinstance(right, list) else [right])
+    elif isinstance(right, str) and right.startswith("@"):
         set_kinds, elems = ix.sets[(table, right[1:])]
         assert set_kinds == kinds, (right, set_kinds, kinds)
         hit = _set_has(elems, kinds, value, p.version)
@@ -301,7 +315,7 @@ def run_chain(cmds: list[Cmd], chain: str, p: Pkt, table: str = nc.TABLE, depth:
                 break
             else:
                 (v,) = stmt
-                assert v in ("accept", "drop", "reject", "masquerade", "dnat"), stmt
+                assert v in ("accept", "drop", "reject", "masquerade", "dnat", "notrack"), stmt
                 return v
     return None
 
@@ -320,7 +334,17 @@ def _map_lookup(ix: Index, table: str, vmap: dict[str, Any], p: Pkt) -> dict[str
     return None
 
 
+RAW = {"output": "raw_output", "input": "raw_prerouting"}  # the sandbox's notrack chains, by the hook's packets
+
+
 def run_hook(cmds: list[Cmd], chain: str, p: Pkt, table: str = nc.TABLE) -> str:
+    """The base chain's verdict; first the table's raw chain for that hook, whose notrack leaves the packet
+    without conntrack state ('untracked', whatever `p.state` said)."""
+    raw = RAW.get(chain)
+    if raw and (table, raw) in index(cmds).rules:
+        assert index(cmds).policy[(table, raw)] == "accept"
+        if run_chain(cmds, raw, p, table) == "notrack":
+            p = replace(p, state="untracked")
     return run_chain(cmds, chain, p, table) or index(cmds).policy[(table, chain)]
 
 
@@ -473,13 +497,14 @@ def test_loopback_established_and_neighbour_discovery_pass_everything_else_does_
     cmds = nc.sandbox_ruleset(prof())
     assert out(cmds, pkt("8.8.8.8")) == "deny"
     assert out(cmds, pkt("127.0.0.1", oif="lo")) == "accept"
-    assert out(cmds, pkt("8.8.8.8", state="established")) == "accept"
-    assert out(cmds, pkt("8.8.8.8", state="related")) == "accept"
+    assert out(cmds, pkt("8.8.8.8", "udp", state="established")) == "accept"
+    assert out(cmds, pkt("8.8.8.8", "udp", state="related")) == "accept"
+    assert out(cmds, pkt("8.8.8.8", "tcp", flags="ack")) == "accept"  # TCP: see test_tcp_*
     assert out(cmds, pkt("ff02::2", "icmp", 0, icmp_type=133)) == "accept"
     assert out(cmds, pkt("ff02::2", "icmp", 0, icmp_type=128)) == "deny"  # echo request
-    assert run_hook(cmds, "output", pkt("8.8.8.8", state="invalid")) == "drop"  # dropped, not answered
+    assert run_hook(cmds, "output", pkt("8.8.8.8", "udp", state="invalid")) == "drop"  # dropped, not answered
     allow_all = nc.sandbox_ruleset(prof(default="allow"))
-    assert run_hook(allow_all, "output", pkt("8.8.8.8", state="invalid")) == "drop"
+    assert run_hook(allow_all, "output", pkt("8.8.8.8", "udp", state="invalid")) == "drop"
     assert out(allow_all, pkt("8.8.8.8")) == "accept"
 
 
@@ -487,11 +512,72 @@ def test_input_takes_only_replies() -> None:
     for pr in (prof(), prof(["any", "{zone: host, ports: [22]}"], default="allow")):
         cmds = nc.sandbox_ruleset(pr)
         assert run_hook(cmds, "input", pkt("10.213.0.2", "tcp", 22, iif="eth0")) == "drop"
-        assert run_hook(cmds, "input", pkt("10.213.0.2", "tcp", 22, iif="eth0", state="established")) == "accept"
+        assert run_hook(cmds, "input", pkt("10.213.0.2", "udp", 22, iif="eth0")) == "drop"
+        assert run_hook(cmds, "input", pkt("10.213.0.2", "udp", 22, iif="eth0", state="established")) == "accept"
+        assert run_hook(cmds, "input", pkt("10.213.0.2", "tcp", 22, iif="eth0", flags="syn,ack")) == "accept"
         assert run_hook(cmds, "input", pkt("127.0.0.1", "tcp", 22, iif="lo")) == "accept"
         assert run_hook(cmds, "input", pkt("fe80::2", "icmp", 0, iif="eth0", icmp_type=136)) == "accept"
     assert [c["add"]["chain"]["policy"] for c in cmds if "chain" in c["add"] and "hook" in c["add"]["chain"]] == [
-        "drop", "drop"]
+        "accept", "accept", "drop", "drop"]  # the raw chains only take TCP out of conntrack
+
+
+TCP_FLAGS = ("syn", "ack", "fin", "rst", "psh", "urg", "ecn", "cwr")
+FLAG_SETS = [frozenset(f for i, f in enumerate(TCP_FLAGS) if n >> i & 1) for n in range(1 << len(TCP_FLAGS))]
+
+
+def first_syn(flags: frozenset[str]) -> bool:
+    return "syn" in flags and not flags & {"ack", "fin", "rst"}
+
+
+def test_tcp_is_untracked_in_the_sandbox_and_udp_and_icmp_are_not() -> None:
+    """conntrack in the sandbox's namespace cost each new connection; the host's follows TCP flows instead."""
+    for pr in (prof(), prof(["example.org", "{zone: internet, ports: [443], proto: tcp}"], ["lan"])):
+        cmds = nc.sandbox_ruleset(pr, ENV, GATEWAYS)
+        raws = {c["add"]["chain"]["name"]: c["add"]["chain"] for c in cmds
+                if "chain" in c["add"] and c["add"]["chain"].get("prio", 0) < 0}
+        assert {n: (r["hook"], r["prio"]) for n, r in raws.items()} == {
+            "raw_output": ("output", -300), "raw_prerouting": ("prerouting", -300)}  # before conntrack, at -200
+        for chain in raws:
+            assert chain_rules(cmds, chain) == [[nc.TCP, {"notrack": None}]]
+            assert run_chain(cmds, chain, pkt("8.8.8.8", "tcp")) == "notrack"
+            for proto in ("udp", "icmp", 132):
+                assert run_chain(cmds, chain, pkt("8.8.8.8", proto)) is None
+
+
+def test_tcp_out_only_a_first_syn_is_classified() -> None:
+    """The rest of a connection passes as it did when conntrack called it established; the host drops what
+    its conntrack never saw open (test_tcp_from_the_sandbox_only_opens_with_a_syn_on_the_host)."""
+    for pr in (prof(), prof(["internet"], ["lan", "8.8.8.0/24"], ipv6=False), prof(default="allow")):
+        cmds = nc.sandbox_ruleset(pr, ENV, GATEWAYS)
+        for dst in ("8.8.8.8", "192.168.1.11", "192.168.1.10", "2a00:1450::1", "224.0.0.251"):
+            want_syn = out(cmds, pkt(dst, "tcp", 443))
+            for flags in FLAG_SETS:
+                p = pkt(dst, "tcp", 443, flags=flags)
+                for state in ("new", "established", "invalid"):  # notrack: whatever conntrack would have said
+                    assert out(cmds, replace(p, state=state)) == (want_syn if first_syn(flags) else "accept"), p
+    cmds = nc.sandbox_ruleset(prof())
+    assert out(cmds, pkt("8.8.8.8", "tcp", 443, flags="syn,ecn,cwr")) == "deny"  # ECN setup is a first SYN
+    assert out(cmds, pkt("8.8.8.8", "udp", 443, state="new")) == "deny"  # UDP: conntrack as before
+    (rule,) = [r for r in chain_rules(cmds, "output") if nc.NOT_FIRST_SYN in r]
+    assert rule == [nc.NOT_FIRST_SYN, {"counter": "allowed"}, {"accept": None}]  # `nsfw ps` counts it
+
+
+def test_tcp_in_only_replies_and_icmp_errors() -> None:
+    for pr in (prof(), prof(["any", "host"], default="allow")):
+        cmds = nc.sandbox_ruleset(pr, ENV, GATEWAYS)
+        for flags in FLAG_SETS:
+            p = pkt("10.213.0.2", "tcp", 22, iif="eth0", flags=flags)
+            opening = "syn" in flags and "ack" not in flags  # SYN+FIN and SYN+RST too: never a reply
+            assert run_hook(cmds, "input", p) == ("drop" if opening else "accept"), flags
+        for v4, v6, want in (("destination-unreachable", "destination-unreachable", "accept"),
+                             ("time-exceeded", "time-exceeded", "accept"), (None, "packet-too-big", "accept"),
+                             ("echo-request", "echo-request", "drop"), ("redirect", "nd-redirect", "drop")):
+            for dst, name in (("10.213.0.2", v4), ("fd6e:7366:7700::2", v6)):
+                if name is None:
+                    continue
+                p = pkt(dst, "icmp", 0, iif="eth0", icmp_type=ICMP_TYPES[4 if "." in dst else 6][name])
+                assert run_hook(cmds, "input", p) == want, name
+                assert run_hook(cmds, "input", replace(p, state="related")) == "accept", name
 
 
 ZONE_CHAINS = ("to_lan", "to_internet", "to_other", "to_host")
@@ -804,6 +890,27 @@ def test_new_connections_into_the_sandbox_are_dropped() -> None:
     assert run_hook(cmds, "forward", pkt(OWN4, saddr="10.213.0.26", iif="nsfwdeadbeef", oif=INST.veth), t) == "drop"
 
 
+def test_tcp_from_the_sandbox_only_opens_with_a_syn_on_the_host() -> None:
+    """The sandbox passes every TCP packet but a first SYN unclassified: with nf_conntrack_tcp_loose a mid-stream
+    ACK would open a flow here that the sandbox's table never saw. Into the sandbox only replies, whatever the
+    flags."""
+    cmds, t = host(prof(["any", "{zone: host, ports: [631, 53], proto: tcp}"], default="allow")), INST.table
+    gw4, gw6 = str(INST.gateway4.ip), str(INST.gateway6.ip)  # type: ignore[union-attr]
+    for hook, dst, own in (("forward", "8.8.8.8", OWN4), ("forward", "2a00:1450::1", OWN6), ("input", gw4, OWN4),
+                           ("input", gw6, OWN6), ("input", "192.168.1.10", OWN4)):
+        for port in (631, 53):
+            for flags in FLAG_SETS:
+                p = pkt(dst, "tcp", port, saddr=own, iif=INST.veth, flags=flags)
+                assert run_hook(cmds, hook, p, t) == ("accept" if first_syn(flags) else "drop"), (hook, dst, flags)
+                assert run_hook(cmds, hook, replace(p, state="established"), t) == "accept"
+                assert run_hook(cmds, hook, replace(p, state="invalid"), t) == "drop"
+                inbound = pkt(own, "tcp", port, saddr=dst, oif=INST.veth, flags=flags)
+                assert run_hook(cmds, "forward", inbound, t) == "drop"
+        if hook == "forward":  # UDP's invalid packets the sandbox's own conntrack drops, as before
+            udp = pkt(dst, "udp", 631, saddr=own, iif=INST.veth, state="invalid")
+            assert run_hook(cmds, hook, udp, t) == "accept", dst
+
+
 def test_host_forwarding_between_other_interfaces_is_untouched() -> None:
     cmds, t = host(prof()), INST.table
     assert run_hook(cmds, "forward", pkt("8.8.8.8", saddr="192.168.1.20", iif="eth1", oif="eth0"), t) == "accept"
@@ -860,7 +967,8 @@ def test_the_sandbox_table_has_no_nat_hook() -> None:
     for pr in (prof(["internet"]), prof(["example.org"], ["ads.example.org"], ipv6=False)):
         cmds = nc.sandbox_ruleset(pr, ENV, GATEWAYS)
         hooks = [c["add"]["chain"] for c in cmds if "chain" in c["add"] and "hook" in c["add"]["chain"]]
-        assert [(h["name"], h["type"]) for h in hooks] == [("output", "filter"), ("input", "filter")]
+        assert [(h["name"], h["type"]) for h in hooks] == [("raw_output", "filter"), ("raw_prerouting", "filter"),
+                                                           ("output", "filter"), ("input", "filter")]
         assert not any(mentions(c, "dnat") for c in cmds)
 
 

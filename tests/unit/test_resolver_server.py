@@ -39,18 +39,32 @@ FLOORED = Limits(upstream_timeout=0.4, min_grant=60)  # as in a sandbox: the gra
 # ---------------------------------------------------------------------------------------------- the fake upstream
 
 
+def udp_and_tcp(backlog: int) -> tuple[socket.socket, socket.socket]:
+    """A UDP and a listening TCP socket on one ephemeral loopback port. The port is free for UDP when the kernel
+    picks it, not necessarily for TCP (another process may hold it): then try another."""
+    for _ in range(50):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind((LOOP, 0))
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            tcp.bind((LOOP, udp.getsockname()[1]))
+        except OSError:
+            udp.close()
+            tcp.close()
+            continue
+        tcp.listen(backlog)
+        return udp, tcp
+    raise RuntimeError("no loopback port free for both UDP and TCP")
+
+
 class FakeUpstream:
     """UDP and TCP on one loopback port; `spoof` names get forged answers first, `silent` names none."""
 
     def __init__(self, zone: dict[str, dict[str, Any]] | None = None) -> None:
         self.zone = world.ZoneView(world.normalize_zone(zone or ZONE))
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind((LOOP, 0))
+        self.udp, self.tcp = udp_and_tcp(16)
         self.port = self.udp.getsockname()[1]
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.tcp.bind((LOOP, self.port))
-        self.tcp.listen(16)
         self.queries: list[tuple[str, str]] = []  # ("name TYPE", "udp" | "tcp")
         self.spoof: set[str] = set()
         self.silent: set[str] = set()
@@ -141,13 +155,8 @@ class Resolver:
     def __init__(self, upstreams: Sequence[str], policy: Policy, *, learn_denied: bool = False,
                  never_grant: Callable[[Any], bool] = lambda _a: False, limits: Limits = FAST,
                  grant_hook: Callable[[Sequence[Grant]], None] | None = None, log: Any = None) -> None:
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind((LOOP, 0))
+        self.udp, self.tcp = udp_and_tcp(64)
         self.port = self.udp.getsockname()[1]
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.tcp.bind((LOOP, self.port))
-        self.tcp.listen(64)
         self.grants: list[list[Grant]] = []
         self.grant_ends: list[float] = []
         self.fail_grants = False
