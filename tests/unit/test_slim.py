@@ -1,0 +1,190 @@
+"""The slim images' parts that need no namespace: the waiter's wait and exec, the resolver's hand-over record,
+the granter's pause and state, the keeper's watch. (tests/integration/test_slim.py runs them in sandboxes.)"""
+
+from __future__ import annotations
+
+import json
+import marshal
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nsfw import granter, launch, slimkeeper, waiter
+from nsfw.resolver import entry
+from nsfw.resolver.cache import Grant
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def until(what: Any, timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while not what() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return bool(what())
+
+
+# ---------------------------------------------------------------------------------------------- the waiter
+
+
+def test_waiter_relays_what_launch_relays() -> None:
+    assert tuple(int(s) for s in launch.DEFAULT_FORWARD) == waiter.RELAYED
+    for code, pid in ((0, 1), (launch.SI_KERNEL, 1), (0, 99), (-6, 5)):
+        assert waiter.should_relay(code, pid, 99) == launch.should_relay(code, pid, 99)
+
+
+def _supervise(script: str, grace: float) -> subprocess.Popen[str]:
+    """A process that starts `sh -c script` and waits for it as sandbox.run does (no keeper)."""
+    code = textwrap.dedent(f"""
+        import subprocess, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from nsfw import waiter
+        waiter.GRACE = {grace}
+        child = subprocess.Popen(["sh", "-c", {script!r}])
+        print("started", flush=True)
+        sys.exit(waiter.wait(child.pid, None, "norecord"))
+    """)
+    proc = subprocess.Popen([sys.executable, "-I", "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+    return proc
+
+
+def _slim(pid: int) -> bool:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().split(b"\0")[2:4] == [waiter.SCRIPT.encode(), b"waiter"]
+
+
+def test_a_short_command_never_execs_the_waiter() -> None:
+    proc = _supervise("exit 5", grace=30)
+    assert proc.wait(timeout=30) == 5
+
+
+def test_the_slim_waiter_returns_the_status_and_relays_signals() -> None:
+    proc = _supervise("trap 'exit 42' TERM; while :; do sleep 0.02; done", grace=0.1)
+    try:
+        assert until(lambda: _slim(proc.pid))
+        proc.send_signal(signal.SIGTERM)  # from another process: relayed, as before the exec
+        assert proc.wait(timeout=30) == 42
+    finally:
+        proc.kill()
+
+
+def test_the_slim_waiter_reports_death_by_signal() -> None:
+    proc = _supervise("sleep 0.5; kill -USR2 $$", grace=0.1)
+    assert proc.wait(timeout=30) == 128 + signal.SIGUSR2
+
+
+def test_a_signal_around_the_switch_is_relayed() -> None:
+    # blocked all along: one that arrives while the new image starts waits in the mask, then is relayed
+    proc = _supervise("trap 'exit 43' HUP; while :; do sleep 0.02; done", grace=0.3)
+    try:
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(timeout=30) == 43
+    finally:
+        proc.kill()
+
+
+# ---------------------------------------------------------------------------------------------- the resolver
+
+
+def test_grant_requests_are_the_json_the_granter_reads() -> None:
+    items = [Grant("h0", "192.0.2.10", 65), Grant("deny", "2001:db8::1", 70)]
+    assert json.loads(entry.encode_grants(items)) == [["h0", "192.0.2.10", 65], ["deny", "2001:db8::1", 70]]
+    for bad in (Grant('h0"]', "192.0.2.10", 1), Grant("h0", '1"', 1)):
+        with pytest.raises(ValueError):
+            entry.encode_grants([bad])
+
+
+def test_resolver_record_round_trip() -> None:
+    fd = entry.pack([3], [4, 5], 6, 7, [("a.test", "h0")], ["b.test"], True, ["192.0.2.53"], ["10.0.0.1"])
+    assert os.get_inheritable(fd)  # handed across the exec
+    got = marshal.loads(entry._read_all(fd))
+    assert got == ([3], [4, 5], 6, 7, [("a.test", "h0")], ["b.test"], True, ["192.0.2.53"], ["10.0.0.1"])
+
+
+def test_never_grant() -> None:
+    import ipaddress
+
+    check = entry.never_grant([ipaddress.ip_address("198.18.0.2")])
+    assert check(ipaddress.ip_address("198.18.0.2")) and check(ipaddress.ip_address("127.0.0.1"))
+    assert check(ipaddress.ip_address("255.255.255.255")) and check(ipaddress.ip_address("::"))
+    assert not check(ipaddress.ip_address("192.0.2.10"))
+
+
+# ---------------------------------------------------------------------------------------------- the granter
+
+
+class _Recording(granter.Granter):
+    def apply(self, grants: Any) -> None:
+        self.seen = [*getattr(self, "seen", []), grants]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the granter enters a network namespace: run as root")
+def test_a_paused_granter_leaves_requests_to_the_next_one() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.settimeout(10)
+    first = _Recording("/proc/self/ns/net", 1, False, ours)
+    first.expiry[("dns4_0", "192.0.2.10")] = 123.5
+    first.timeouts[("dns4_0", "192.0.2.10")] = 61
+    first.start()
+    theirs.send(b'[["h0","192.0.2.10",60]]')
+    assert theirs.recv(64) == b"ok"
+    first.pause()
+    theirs.send(b'[["h0","192.0.2.11",60]]')
+    time.sleep(0.2)  # the first granter wakes for it, and must leave it alone
+    second = _Recording.from_state(first.state(), ours)
+    assert second.expiry == first.expiry and second.timeouts == first.timeouts
+    second.start()
+    assert theirs.recv(64) == b"ok"
+    assert getattr(second, "seen", None) == [[["h0", "192.0.2.11", 60]]]
+    assert first.seen == [[["h0", "192.0.2.10", 60]]]
+
+
+# ---------------------------------------------------------------------------------------------- the keeper
+
+
+def test_watch_kills_the_tree_when_the_supervisor_dies(monkeypatch: pytest.MonkeyPatch) -> None:
+    killed: list[Any] = []
+    monkeypatch.setattr(slimkeeper, "kill_all", killed.append)
+    r, w = os.pipe()
+    os.close(w)
+    slimkeeper.Watch(r, -1).run((1, 2), lambda: pytest.fail("never asked"))  # type: ignore[func-returns-value]
+    assert killed == [(1, 2)]
+    os.close(r)
+
+
+def test_watch_lingers_after_exit_then_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(slimkeeper, "LINGER_POLL", 0.01)
+    monkeypatch.setattr(slimkeeper, "kill_all", lambda ns: pytest.fail("nothing to kill"))
+    r, w = os.pipe()
+    back_r, back_w = os.pipe()
+    os.write(w, b"exit")
+    answers = iter([False, False, True])
+    watch = slimkeeper.Watch(r, back_w)
+    watch.run((1, 2), lambda: next(answers))
+    assert os.read(back_r, 64) == b"linger" and watch.to_supervisor == -1
+    for fd in (r, w, back_r):
+        os.close(fd)
+
+
+def test_watch_slims_once_after_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(slimkeeper, "GRACE", 0.05)
+    r, w = os.pipe()
+    calls: list[bool] = []
+
+    def slim(watch: slimkeeper.Watch) -> None:  # an exec that failed: the watch goes on
+        calls.append(watch.handed_over)
+        os.write(w, b"exit")
+
+    slimkeeper.Watch(r, -1).run((1, 2), lambda: True, slim)
+    assert calls == [False]
+    for fd in (r, w):
+        os.close(fd)
