@@ -2,9 +2,10 @@
 
 keeper.keep() starts what the keeper owns (the resolver, the granter) and then watches (watch()). Once GRACE
 has passed, the keeper execs `slim.py keeper FD` (nsfw/slim.py): the same pid and pipes, the resolver still
-its child, in an interpreter that has imported only this module, the granter's (nftables on its first grant)
-and what they need. The forked keeper held the launch's whole heap (pyroute2, click, yaml, the compiler...),
-which, once the supervisor and the resolver have exec'd away, is its alone: about 60 MiB.
+its child, in an interpreter that has imported only this module and what it needs; the granter (and
+nftables) only once the resolver asks for its first grant. The forked keeper held the launch's whole heap
+(pyroute2, click, yaml, the compiler...), which, once the supervisor and the resolver have exec'd away, is
+its alone: about 60 MiB.
 
 What goes across the exec, on FD (a memfd holding one `marshal` record): the sandbox's record (JSON), its
 namespace's identity, the supervisor's pipe ends and what was heard on them, the granter's socket and what it
@@ -12,7 +13,8 @@ granted until when, and sys.path. The granter is paused between two requests fir
 so no request is lost: one the resolver sends meanwhile waits in the socket for the new image's granter.
 Removal (and the rare "is the sandbox empty now" under the lock) imports nsfw's full modules, once, at the end.
 
-Imports: built-in modules, os, select and socket; no `signal` (enum), `json` or `typing` until used.
+Imports: built-in modules, os and select; no `signal` (enum), `socket`, `threading`, `json` or `typing` until
+used.
 """
 
 from __future__ import annotations
@@ -110,22 +112,26 @@ class Watch:
         self.handed_over, self.watching = handed_over, watching
 
     def run(self, ns: tuple[int, int], close_if_empty: Callable[[], bool],
-            slim: Callable[[Watch], None] | None = None) -> None:
+            slim: Callable[[Watch], None] | None = None, wake: tuple[int, Callable[[], None]] | None = None) -> None:
         """Until the sandbox is to be removed: COMMAND exited and nothing runs in the sandbox any more, or the
         supervisor died while COMMAND ran (then its whole tree is killed first). `slim` is called once, after
-        GRACE; it returns only when the exec failed."""
+        GRACE; it returns only when the exec failed. `wake`: an fd, and what to call once when it is readable."""
         slim_at = time.monotonic() + GRACE if slim is not None else None
         while True:
             timeout = LINGER_POLL if self.handed_over else None
             if slim_at is not None:
                 left = max(0.0, slim_at - time.monotonic())
                 timeout = left if timeout is None else min(timeout, left)
-            if self.watching:
-                ready, _w, _x = select.select([self.from_supervisor], [], [], timeout)
+            fds = ([self.from_supervisor] if self.watching else []) + ([wake[0]] if wake else [])
+            if fds:
+                ready, _w, _x = select.select(fds, [], [], timeout)
             else:
                 ready = []
                 time.sleep(LINGER_POLL)
-            if ready:
+            if wake and wake[0] in ready:
+                wake[1]()
+                wake = None
+            if self.from_supervisor in ready and self.watching:
                 data = os.read(self.from_supervisor, 64)
                 if data.startswith(b"exit"):
                     self.handed_over = True
@@ -195,7 +201,7 @@ def main(args: list[str]) -> None:
         ns = tuple(ns)
         sys.path[:] = path  # the full nsfw's, for the end: the packages it removes the sandbox with
 
-        if granter_state is not None:
+        def start_granter() -> None:  # on the first request: a sandbox that resolves no name never pays for it
             import socket
 
             from .granter import Granter
@@ -218,7 +224,7 @@ def main(args: list[str]) -> None:
             if f >= 0:
                 os.set_inheritable(f, False)
         try:
-            watch.run(ns, close_if_empty)
+            watch.run(ns, close_if_empty, wake=(granter_fd, start_granter) if granter_state is not None else None)
         finally:
             to_supervisor = watch.to_supervisor
     except BaseException:

@@ -188,3 +188,21 @@ def test_watch_slims_once_after_grace(monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls == [False]
     for fd in (r, w):
         os.close(fd)
+
+
+def test_watch_wakes_the_granter_once_on_its_first_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(slimkeeper, "LINGER_POLL", 0.01)
+    r, w = os.pipe()
+    req_r, req_w = os.pipe()
+    woken: list[int] = []
+
+    def wake() -> None:  # the granter thread would read the request; here it stays readable
+        woken.append(1)
+        os.write(w, b"exit")
+
+    os.write(req_w, b"request")
+    answers = iter([False, False, True])
+    slimkeeper.Watch(r, -1).run((1, 2), lambda: next(answers), wake=(req_r, wake))
+    assert woken == [1]
+    for fd in (r, w, req_r, req_w):
+        os.close(fd)
