@@ -8,9 +8,13 @@ object here is the data of its socket's selector key: the resolver's loop calls 
 from __future__ import annotations
 
 import selectors
-import socket
 
 from . import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import socket
+else:
+    from . import sockets as socket  # `socket` itself would import enum
 from .dnsmsg import EDNS_SIZE, Query
 
 if TYPE_CHECKING:

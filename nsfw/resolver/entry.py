@@ -14,15 +14,17 @@ from __future__ import annotations
 import ipaddress
 import marshal
 import posix
-import socket
 import sys
 
 from . import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Callable, Sequence
 
     from .cache import Grant, IPAddress
+else:
+    from . import sockets as socket  # `socket` itself would import enum
 
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
@@ -98,9 +100,8 @@ def main(args: list[str]) -> None:
         udp = [socket.socket(fileno=fd) for fd in udp_fds]
         tcp = [socket.socket(fileno=fd) for fd in tcp_fds]
         granter = socket.socket(fileno=granter_fd)
-        for s in (*udp, *tcp, granter):
-            s.set_inheritable(False)
-        posix.set_inheritable(log_fd, False)
+        for fd in (*udp_fds, *tcp_fds, granter_fd, log_fd):
+            posix.set_inheritable(fd, False)
         log = open(log_fd, "a+b", buffering=0)  # noqa: SIM115 - readable: a full log keeps its newest half
         serve(udp, tcp, policy=Policy(allow, deny, open_names), upstreams=upstreams, grant=remote_grant(granter),
               log=log, learn_denied=open_names, never_grant=never_grant([ipaddress.ip_address(a) for a in never]))

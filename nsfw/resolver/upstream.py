@@ -16,11 +16,15 @@ import ipaddress
 import itertools
 import os
 import selectors
-import socket
 import time
 from collections.abc import Callable, Sequence
 
-from . import NamedTuple
+from . import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    import socket
+else:
+    from . import sockets as socket  # `socket` itself would import enum
 from .dnsmsg import NOERROR, NXDOMAIN, DnsFormatError, Response, make_query, parse_response
 
 DEFAULT_NAMESERVER = "127.0.0.1"  # what glibc asks when resolv.conf names none

@@ -206,3 +206,64 @@ def test_watch_wakes_the_granter_once_on_its_first_request(monkeypatch: pytest.M
     assert woken == [1]
     for fd in (r, w, req_r, req_w):
         os.close(fd)
+
+
+def test_the_resolvers_sockets_without_the_socket_module() -> None:
+    import socket as real
+
+    from nsfw.resolver import sockets
+
+    listener = sockets.socket(sockets.AF_INET, sockets.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = real.create_connection(listener.getsockname(), timeout=10)
+    conn, addr = listener.accept()
+    assert isinstance(conn, sockets.socket) and addr == client.getsockname()
+    conn.send(b"hi")
+    assert client.recv(2) == b"hi"
+    assert sockets.inet_ntop(sockets.AF_INET6, bytes(16)) == "::"
+    for s in (conn, listener, client):
+        s.close()
+
+
+def _question(qid: int, name: str) -> bytes:
+    wire = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + (1).to_bytes(2, "big") * 2
+    return qid.to_bytes(2, "big") + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + wire
+
+
+def test_the_slim_resolver_serves_on_what_it_was_handed(tmp_path: Path) -> None:
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(4)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    log = open(tmp_path / "dns.log", "a+b", buffering=0)  # noqa: SIM115
+    handed = [udp.fileno(), tcp.fileno(), theirs.fileno(), log.fileno()]
+    for fd in handed:
+        os.set_inheritable(fd, True)
+    spec = entry.pack([udp.fileno()], [tcp.fileno()], theirs.fileno(), log.fileno(), [("allowed.test", "h0")],
+                      ["denied.test"], False, ["127.0.0.1#9"], [])
+    proc = subprocess.Popen(entry.argv(spec), pass_fds=(spec, *handed), stderr=subprocess.PIPE)
+    try:
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.settimeout(10)
+        client.sendto(_question(0x1234, "denied.test"), udp.getsockname())
+        reply = client.recv(512)
+        assert reply[:2] == b"\x12\x34" and reply[3] & 0x0F == 3, reply  # NXDOMAIN, from the policy
+        conn = socket.create_connection(tcp.getsockname(), timeout=10)  # accept() of the slim sockets
+        q = _question(0x4321, "unlisted.test")
+        conn.sendall(len(q).to_bytes(2, "big") + q)
+        size = int.from_bytes(conn.recv(2), "big")
+        reply = conn.recv(size)
+        assert reply[:2] == b"\x43\x21" and reply[3] & 0x0F in (3, 5), reply  # refused without asking anyone
+        for s in (client, conn):
+            s.close()
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        _out, err = proc.communicate(timeout=10)
+        for s in (udp, tcp, ours, theirs, log):
+            s.close()
+        os.close(spec)
+    assert not err, err
