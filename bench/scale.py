@@ -51,6 +51,7 @@ def nsfw_pss(w: Any) -> dict[str, Any]:
     supervisors = {r["supervisor_pid"] for r in recs}
     keepers = {r["keeper_pid"] for r in recs}
     out: dict[str, Any] = {"pss_kb": 0, "rss_kb": 0, "processes": 0, "by_kind": {}}
+    world_net = os.stat(f"/proc/{w.pid}/ns/net")  # nsfw runs on the world's simulated host: not another world's
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -59,6 +60,9 @@ def nsfw_pss(w: Any) -> dict[str, Any]:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read().split(b"\0")
             if not ours(cmd):
+                continue
+            net = os.stat(f"/proc/{pid}/ns/net")
+            if (net.st_dev, net.st_ino) != (world_net.st_dev, world_net.st_ino):
                 continue
             with open(f"/proc/{pid}/smaps_rollup") as f:
                 fields = {line.split(":")[0]: int(line.split()[1]) for line in f if line.endswith("kB\n")}

@@ -151,4 +151,4 @@ def test_slim_keeper_lingers_while_something_runs_then_removes_the_sandbox(world
         world.run(["pkill", "-KILL", "-f", "^sleep 331"])
         assert until(lambda: not world.run(["ls", "/run/nsfw/sandboxes"]).stdout.strip())
         assert until(lambda: record["netns"] not in world.run(["ip", "netns", "list"]).stdout)
-        assert dead(world, record["keeper_pid"])
+        assert until(lambda: dead(world, record["keeper_pid"]))
