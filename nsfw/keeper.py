@@ -27,6 +27,7 @@ from .slimkeeper import processes_in as processes_in
 if TYPE_CHECKING:
     from .granter import Granter
 
+
 def send_sandbox(to_keeper: int, record: state.Record, owned: object) -> None:
     """To a keeper forked ahead (sandbox.prefork_keeper): its sandbox, and what to start in it."""
     import pickle
