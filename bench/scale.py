@@ -31,12 +31,27 @@ from common import Row
 DEAD_PID = 4_000_000  # above every pid in use here (checked), below pid_max
 
 
+NSFW_BIN = os.path.normpath(c.NSFW).encode()
+SLIM = os.path.normpath(os.path.join(c.ROOT, "nsfw", "slim.py")).encode()
+
+
+def ours(cmd: list[bytes]) -> bool:
+    """An nsfw process of this checkout: `python3 -I[S] bin/nsfw run ...` (supervisors, and the keepers and
+    resolvers forked from them), or one that exec'd `python3 -IS nsfw/slim.py KIND ...` (slim waiters and
+    resolvers). Other checkouts' nsfw processes on the machine are not counted."""
+    if len(cmd) < 4 or not cmd[1].startswith(b"-I"):
+        return False
+    path = os.path.normpath(cmd[2].decode(errors="replace")).encode()
+    return (path == NSFW_BIN and cmd[3] == b"run") or path == SLIM
+
+
 def nsfw_pss(w: Any) -> dict[str, Any]:
     """kB of PSS and RSS of every nsfw process in the world, by kind (supervisor, keeper, resolver)."""
     recs = c.sandbox_records(w)
     supervisors = {r["supervisor_pid"] for r in recs}
     keepers = {r["keeper_pid"] for r in recs}
     out: dict[str, Any] = {"pss_kb": 0, "rss_kb": 0, "processes": 0, "by_kind": {}}
+    world_net = os.stat(f"/proc/{w.pid}/ns/net")  # nsfw runs on the world's simulated host: not another world's
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -44,7 +59,10 @@ def nsfw_pss(w: Any) -> dict[str, Any]:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read().split(b"\0")
-            if len(cmd) < 4 or cmd[2] != c.NSFW.encode() or cmd[3] != b"run":
+            if not ours(cmd):
+                continue
+            net = os.stat(f"/proc/{pid}/ns/net")
+            if (net.st_dev, net.st_ino) != (world_net.st_dev, world_net.st_ino):
                 continue
             with open(f"/proc/{pid}/smaps_rollup") as f:
                 fields = {line.split(":")[0]: int(line.split()[1]) for line in f if line.endswith("kB\n")}
@@ -131,7 +149,9 @@ def measure(sandboxes: int = 100, stale: int = 1000, rounds: int = 5) -> tuple[l
             wait_running(w, k, runs)
             launch_ms.append((time.perf_counter() - t1) * 1000)
             if k in (1, 10, sandboxes):
-                time.sleep(1.0)  # resolvers and keepers settle (imports done, first allocations made)
+                # resolvers and keepers settle (imports done, first allocations made), and supervisors become
+                # slim waiters (nsfw/waiter.GRACE, 1.5 s after COMMAND started)
+                time.sleep(2.5)
                 memory[k] = nsfw_pss(w)
                 c.log(f"scale: {k} sandboxes: {memory[k]['processes']} nsfw processes, PSS "
                       f"{memory[k]['pss_kb'] / 1024:.1f} MiB, RSS {memory[k]['rss_kb'] / 1024:.1f} MiB")

@@ -33,13 +33,14 @@ from collections.abc import Iterable, Sequence
 from itertools import pairwise
 from typing import Any
 
+from .granter import FAMILY as FAMILY  # the granter's: the slim keeper runs it without this module
+from .granter import TABLE as TABLE
+from .granter import grant_set as grant_set
 from .intervals import Box, Cell, Span, disjoint, disjoint_cells, merge_addresses, merge_packed
 from .names import PREFIX, HostEnv, Instance
 from .profile import Profile, Rule
 
 Cmd = dict[str, Any]
-TABLE = "nsfw"  # inside a sandbox's own namespace the name need not be unique
-FAMILY = "inet"
 
 LAN4 = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "100.64.0.0/10")
 LAN6 = ("fc00::/7", "fe80::/10")
@@ -229,10 +230,6 @@ def name_groups(profile: Profile) -> list[tuple[Rule, ...]]:
         if rule.kind == "host":
             groups.setdefault((rule.proto, rule.ports), []).append(rule)
     return [tuple(g) for g in groups.values()]
-
-
-def grant_set(group: int, version: int) -> str:
-    return f"dns{version}_{group}"
 
 
 def denied_names(profile: Profile) -> bool:

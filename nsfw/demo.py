@@ -11,8 +11,10 @@ import os
 import shlex
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from .world import World
 
@@ -60,6 +62,17 @@ def _row(world: World, profile: str) -> list[str]:
     return [_cell(d[1], c) for d, c in zip(DESTINATIONS, codes, strict=True)]
 
 
+def _settled(world: World, timeout: float = 15.0) -> dict[str, Any]:
+    """The world once the keepers are done: `nsfw run` returns COMMAND's status first, and the sandbox's keeper
+    removes it right after (a slim keeper imports the removal's modules first), so wait for that, boundedly."""
+    deadline = time.monotonic() + timeout
+    while True:
+        snap: dict[str, Any] = world.snapshot()
+        if not any(str(n).startswith("nsfw") for n in snap.get("netns", [])) or time.monotonic() > deadline:
+            return snap
+        time.sleep(0.1)
+
+
 def main() -> int:
     if os.geteuid() != 0:
         print("nsfw demo needs root: it builds network namespaces (run `sudo nsfw demo` or `sudo make demo`)",
@@ -76,7 +89,7 @@ def main() -> int:
             f.write(NAMES_PROFILE[1])
         refs = {**{p: p for p in PROFILES}, NAMES_PROFILE[0]: names_path}
         rows = dict(zip(refs, pool.map(lambda r: _row(world, r), refs.values()), strict=True))
-        leftovers = world.snapshot()
+        leftovers = _settled(world)
     header = ["profile", *(d[0] for d in DESTINATIONS)]
     table = [header] + [[p, *cells] for p, cells in rows.items()]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]

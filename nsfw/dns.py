@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import os
 import re
 import signal
 import socket
-import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from . import caps, launch, nft
-from .compile import FAMILY, TABLE, grant_set, name_groups
+from . import caps, launch
+from .compile import name_groups
 from .errors import SetupError
+from .granter import MIN_GRANT, Granter
 from .names import Instance, IPAddress
 from .profile import Profile
 
@@ -32,21 +29,6 @@ NOBODY = launch.User(uid=65534, gid=65534, name="nobody", home="/nonexistent", g
 # The host resolver's side doors: systemd-resolved's varlink and D-Bus-free socket, nscd's cache socket.
 HIDDEN_DIRS = ("/run/systemd/resolve", "/run/nscd", "/var/run/nscd")
 NSSWITCH_KEEP = ("files", "myhostname", "dns")  # modules that never ask the host to resolve for us
-MAX_TIMEOUT = 7 * 86400
-# Browsers and getaddrinfo caches keep an address about a minute whatever its TTL: a grant shorter than that
-# would block the app's next connection to an address it was rightly given. Never shorter than the TTL either.
-MIN_GRANT = 60
-
-
-def _kernel_at_least(major: int, minor: int) -> bool:
-    try:
-        got = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
-    except ValueError:
-        return False
-    return got >= (major, minor)
-
-
-READD_REFRESHES = _kernel_at_least(6, 10)
 READY_TIMEOUT = 5.0
 
 
@@ -157,96 +139,12 @@ def policy_args(profile: Profile) -> tuple[list[tuple[str, str]], list[str], boo
 
 def ungrantable(host_addresses: Sequence[IPAddress]) -> Callable[[IPAddress], bool]:
     """A name never opens the host, loopback, multicast or unspecified addresses (DNS rebinding)."""
-    host = set(host_addresses)
+    from .resolver.entry import never_grant  # the resolver's own image builds it too
 
-    def check(addr: IPAddress) -> bool:
-        return addr in host or addr.is_loopback or addr.is_multicast or addr.is_unspecified or \
-            (addr.version == 4 and addr == ipaddress.IPv4Address("255.255.255.255"))
-
-    return check
+    return never_grant(host_addresses)
 
 
 # ---------------------------------------------------------------------------------------------- the granter
-
-
-class Granter:
-    """Root's half of an unprivileged resolver: adds checked addresses to this sandbox's grant sets."""
-
-    def __init__(self, netns_path: str, groups: int, deny: bool, sock: socket.socket) -> None:
-        self.netns_path, self.groups, self.deny, self.sock = netns_path, groups, deny, sock
-        self.expiry: dict[tuple[str, str], float] = {}
-        self.timeouts: dict[tuple[str, str], int] = {}  # the timeout last given to each element
-        self.thread = threading.Thread(target=self._run, name="nsfw-granter", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def _run(self) -> None:
-        # Signals go to the supervisor's main thread, which relays them to COMMAND.
-        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-        fd = os.open(self.netns_path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            caps.setns(fd, caps.CLONE_NEWNET)  # this thread only
-        finally:
-            os.close(fd)
-        while True:
-            try:
-                msg = self.sock.recv(65536)
-            except OSError:
-                return
-            if not msg:
-                return
-            try:
-                self.apply(json.loads(msg))
-                reply = b"ok"
-            except (ValueError, TypeError, KeyError, SetupError) as e:
-                reply = f"error {e}".encode()[:512]
-            try:
-                self.sock.send(reply)
-            except OSError:
-                return
-
-    def _set_for(self, name: str, addr: IPAddress) -> str:
-        if name == "deny" and self.deny:
-            return f"dnsdeny{addr.version}"
-        if name.startswith("h") and name[1:].isdigit() and int(name[1:]) < self.groups:
-            return grant_set(int(name[1:]), addr.version)
-        raise ValueError(f"unknown grant set {name!r}")
-
-    def apply(self, grants: Sequence[Sequence[Any]]) -> None:
-        now = time.monotonic()
-        elems: dict[tuple[str, str], int] = {}
-        for name, address, timeout in grants:
-            addr = ipaddress.ip_address(address)
-            if not isinstance(timeout, int) or not 0 < timeout <= MAX_TIMEOUT:
-                raise ValueError(f"bad timeout {timeout!r}")
-            key = (self._set_for(str(name), addr), str(addr))
-            elems[key] = max(timeout, MIN_GRANT, elems.get(key, 0))
-        # An element that already lives at least as long as asked needs nothing: the common case of a cached
-        # answer, which would otherwise cost a kernel transaction per query.
-        todo = {k: t for k, t in elems.items() if self.expiry.get(k, 0) < now + t - 1}
-        if not todo:
-            return
-        # Since 6.10 the kernel renews an element that is added again, when the timeout given differs from the
-        # one it holds, so a renewal alternates the timeout by a second (never shorter than asked). Before,
-        # only a delete and an add in one transaction renew it, and a delete waits for an RCU grace period
-        # (milliseconds), so only there.
-        if READD_REFRESHES:
-            todo = {k: t + 1 if self.timeouts.get(k) == t else t for k, t in todo.items()}
-        live = [] if READD_REFRESHES else [k for k in todo if self.expiry.get(k, 0) > now + 0.5]
-        cmds = [_element("delete", k) for k in live] + [_element("add", k, t) for k, t in todo.items()]
-        try:
-            nft.apply(cmds, "name grant")
-        except SetupError:
-            nft.apply([_element("add", k, t) for k, t in todo.items()], "name grant")
-        for k, t in todo.items():
-            self.expiry[k] = now + t
-            self.timeouts[k] = t
-
-
-def _element(op: str, key: tuple[str, str], timeout: int | None = None) -> dict[str, Any]:
-    value: Any = key[1] if timeout is None else {"elem": {"val": key[1], "timeout": timeout}}
-    return {op: {"element": {"family": FAMILY, "table": TABLE, "name": key[0], "elem": [value]}}}
 
 
 # ---------------------------------------------------------------------------------------------- the resolver
@@ -282,27 +180,17 @@ def _listeners(addresses: Sequence[str]) -> tuple[list[socket.socket], list[sock
     return udp, tcp
 
 
-def _remote_grant(sock: socket.socket) -> Callable[[Sequence[Any]], None]:
-    def grant(items: Sequence[Any]) -> None:
-        sock.send(json.dumps([[g.set_name, g.address, int(g.timeout)] for g in items]).encode())
-        reply = sock.recv(1024)
-        if reply != b"ok":
-            raise OSError(f"grant refused: {reply.decode(errors='replace')}")
-
-    return grant
-
-
 def start(inst: Instance, netns_path: str, profile: Profile, host_addresses: Sequence[IPAddress],
           log_path: str) -> Resolver:
     """Fork the sandbox's resolver: it binds port 53 on the gateway addresses, drops to nobody, and serves."""
     from .resolver.policy import Policy
     from .resolver.upstream import read_resolv_conf
 
-    allow, deny, open_names = policy_args(profile)
-    policy = Policy(allow, deny, open_names)
+    policy = policy_args(profile)
+    Policy(*policy)  # a pattern it cannot take fails the launch here, not in the resolver after "ready"
     upstreams = read_resolv_conf()
     addresses = [str(a.ip) for a in (inst.gateway4, inst.gateway6) if a is not None]
-    never = ungrantable([*host_addresses, *(ipaddress.ip_address(a) for a in addresses)])
+    never = [*map(str, host_addresses), *addresses]
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ready_r, ready_w = os.pipe()
     pid = os.fork()
@@ -322,11 +210,7 @@ def start(inst: Instance, netns_path: str, profile: Profile, host_addresses: Seq
             signal.pthread_sigmask(signal.SIG_SETMASK, set())
             os.write(ready_w, b"1")
             os.close(ready_w)
-            from .resolver.server import Limits, serve
-
-            serve(udp, tcp, policy=policy, upstreams=upstreams, grant=_remote_grant(theirs), log=log,
-                  learn_denied=open_names, never_grant=never, limits=Limits(min_grant=MIN_GRANT))
-            code = 0
+            _serve_slim(udp, tcp, theirs, log.fileno(), policy, upstreams, never, MIN_GRANT)
         except BaseException:
             code = 1
         finally:
@@ -348,6 +232,30 @@ def start(inst: Instance, netns_path: str, profile: Profile, host_addresses: Seq
     finally:
         os.close(ready_r)
     return resolver  # the caller starts the granter once COMMAND is forked: no thread may exist at a fork
+
+
+def _serve_slim(udp: Sequence[socket.socket], tcp: Sequence[socket.socket], granter: socket.socket, log: int,
+                policy: tuple[list[tuple[str, str]], list[str], bool], upstreams: Sequence[str],
+                never: Sequence[str], min_grant: int) -> None:
+    """In the resolver, bound and unprivileged: exec its own image (resolver/entry.py), which holds none of the
+    keeper's heap. Returns only if the exec failed: then this image serves, as it did before."""
+    from .resolver import entry
+
+    fds = [s.fileno() for s in (*udp, *tcp, granter)]
+    for fd in (*fds, log):
+        os.set_inheritable(fd, True)
+    argv = entry.argv(entry.pack(fds[:len(udp)], fds[len(udp):len(udp) + len(tcp)], granter.fileno(), log,
+                                 *policy, upstreams, never, min_grant))
+    try:
+        os.execv(argv[0], argv)
+    except OSError:
+        pass
+    from .resolver.policy import Policy
+    from .resolver.server import Limits, serve
+
+    serve(udp, tcp, policy=Policy(*policy), upstreams=upstreams, grant=entry.remote_grant(granter),
+          log=open(log, "a+b", buffering=0, closefd=False), learn_denied=policy[2],  # noqa: SIM115
+          never_grant=ungrantable([ipaddress.ip_address(a) for a in never]), limits=Limits(min_grant=min_grant))
 
 
 def _keep_only(keep: set[int]) -> None:

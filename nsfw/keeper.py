@@ -11,75 +11,21 @@ re-parented) and removes everything. `nsfw gc` covers the case where both die.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import struct
-import time
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import nspath, state
+from .slimkeeper import LINGER_POLL as LINGER_POLL  # where the keeper's watch lives: its slim image runs it too
+from .slimkeeper import Watch, become_slim
+from .slimkeeper import kill_all as kill_all
+from .slimkeeper import netns_id as netns_id
+from .slimkeeper import processes_by_namespace as processes_by_namespace
+from .slimkeeper import processes_in as processes_in
 
-LINGER_POLL = 0.25
-
-
-def netns_id(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
-
-
-def processes_in(ns: tuple[int, int]) -> list[int]:
-    """Every process whose network namespace is `ns`: the sandbox's whole tree, found by membership rather than
-    parentage, so a double-forked daemon is found as surely as COMMAND itself."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                st = os.stat(f"/proc/{entry}/ns/net")
-            except OSError:
-                continue  # gone meanwhile, or a kernel thread
-            if (st.st_dev, st.st_ino) == ns:
-                found.append(int(entry))
-    return found
-
-
-def processes_by_namespace(wanted: set[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
-    """One scan of /proc for many namespaces at once (gc of many sandboxes)."""
-    found: dict[tuple[int, int], list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                st = os.stat(f"/proc/{entry}/ns/net")
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) in wanted:
-                found.setdefault((st.st_dev, st.st_ino), []).append(int(entry))
-    return found
-
-
-def kill_all(ns: tuple[int, int], grace: float = 0.0) -> None:
-    """TERM, wait up to `grace`, then KILL until the namespace is empty (a process forking meanwhile is caught
-    on the next round). Never raises."""
-    if grace > 0:
-        for pid in processes_in(ns):
-            _signal(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while processes_in(ns) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    for _ in range(200):
-        pids = processes_in(ns)
-        if not pids:
-            return
-        for pid in pids:
-            _signal(pid, signal.SIGKILL)
-        time.sleep(0.01)
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+if TYPE_CHECKING:
+    from .granter import Granter
 
 
 def send_sandbox(to_keeper: int, record: state.Record, owned: object) -> None:
@@ -120,54 +66,35 @@ def close_all_but(keep: set[int]) -> None:
                 pass
 
 
-def keep(record: state.Record, from_supervisor: int, to_supervisor: int, on_start: Callable[[], None]) -> NoReturn:
-    """The keeper's life; never returns. `on_start` starts what the keeper owns (the resolver, the granter)
-    and is called before the keeper says "ready"."""
+def keep(record: state.Record, from_supervisor: int, to_supervisor: int,
+         on_start: Callable[[], Granter | None]) -> NoReturn:
+    """The keeper's life; never returns. `on_start` starts what the keeper owns (the resolver, the granter,
+    which it returns) and is called before the keeper says "ready". After slimkeeper.GRACE the keeper goes on
+    in its slim image (slimkeeper.become_slim), which ends as this does."""
     from . import reconcile  # which needs this module: imported late
 
     code = 0
+    watch = Watch(from_supervisor, to_supervisor)
     try:
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(s, signal.SIG_IGN)  # the terminal's signals are COMMAND's business, not ours
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         ns = netns_id(nspath.path(record.netns))
-        on_start()
+        granter = on_start()
         _say(to_supervisor, b"ready")
-        watching, handed_over = [from_supervisor], False
-        while True:
-            if watching:
-                ready, _w, _x = select.select(watching, [], [], LINGER_POLL if handed_over else None)
-            else:
-                ready = []
-                time.sleep(LINGER_POLL)
-            if ready:
-                data = os.read(from_supervisor, 64)
-                if data.startswith(b"exit"):
-                    handed_over = True
-                elif not data:
-                    watching = []
-                    if not handed_over:  # the supervisor died while COMMAND ran: COMMAND dies with it
-                        kill_all(ns)
-                        break
-            if handed_over:
-                if _close_if_empty(record, ns):
-                    break
-                if to_supervisor >= 0:  # COMMAND is gone but the sandbox is not: nsfw may exit now
-                    _say(to_supervisor, b"linger")
-                    os.close(to_supervisor)
-                    to_supervisor = -1
+        watch.run(ns, lambda: close_if_empty(record, ns), lambda w: become_slim(w, record, ns, granter))
     except BaseException:
         code = 1
     finally:
         try:
             reconcile.teardown(record)
-            if to_supervisor >= 0:
-                _say(to_supervisor, b"done")
+            if watch.to_supervisor >= 0:
+                _say(watch.to_supervisor, b"done")
         finally:
             os._exit(code)
 
 
-def _close_if_empty(record: state.Record, ns: tuple[int, int]) -> bool:
+def close_if_empty(record: state.Record, ns: tuple[int, int]) -> bool:
     """Under the lock that joins take, so no `nsfw run` can enter a sandbox that is being removed."""
     with state.locked():
         if processes_in(ns):

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from . import compile as rules
-from . import config, dns, forwarding, keeper, launch, netns, nft, reconcile, state
+from . import config, dns, forwarding, keeper, launch, netns, nft, reconcile, state, waiter
 from .errors import NsfwError, SetupError
+from .granter import Granter
 from .names import PREFIX, HostEnv, Instance, IPAddress, IPNetwork, allocate_slot, new_id
 from .profile import Profile
 
@@ -136,7 +137,12 @@ def run(profile: Profile, argv: Sequence[str], user: launch.User, environ: Mappi
                 started = _setup(stack, profile, argv, user, environ)
             stack.pop_all()  # COMMAND runs: from here the keeper owns the sandbox
         _fault("command")
-        code = launch.wait_child(started.pid)
+        if POOL_OWNER:  # a warm launcher: its pages are the daemon's, shared, and its client needs its socket
+            code = launch.wait_child(started.pid)
+        else:  # after waiter.GRACE this process becomes the slim waiter, which does the rest and exits
+            kept = started.keeper
+            code = waiter.wait(started.pid, (kept.pid, kept.to_keeper, kept.from_keeper) if kept else None,
+                               started.record.id)
     finally:
         with _signals_held():
             stack.close()
@@ -381,9 +387,11 @@ def _release_on_failure(stack: ExitStack, record: state.Record, inst: Instance) 
         stack.callback(netns.delete_link, record.veth)
 
 
-def _start_owned(inst: Instance, profile: Profile, addresses: Sequence[IPAddress], log: str) -> None:
-    """In the keeper: the resolver is its child, the granter its thread."""
-    dns.start(inst, netns.path(inst.netns), profile, addresses, log).granter.start()
+def _start_owned(inst: Instance, profile: Profile, addresses: Sequence[IPAddress], log: str) -> Granter:
+    """In the keeper: the resolver is its child, the granter its thread (returned: the keeper hands it on)."""
+    granter = dns.start(inst, netns.path(inst.netns), profile, addresses, log).granter
+    granter.start()
+    return granter
 
 
 Owned = tuple[Instance, Profile, tuple[IPAddress, ...], str] | None  # _start_owned's arguments; None: nothing

@@ -7,9 +7,12 @@ object here is its socket's handler in the resolver's poller: the loop calls its
 
 from __future__ import annotations
 
-import socket
-
 from . import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import socket
+else:
+    from . import sockets as socket  # `socket` itself would import enum
 from .dnsmsg import EDNS_SIZE, Query
 from .poller import READ, WRITE
 

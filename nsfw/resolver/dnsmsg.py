@@ -13,10 +13,14 @@ that contains a dot ("allowed.test" as a single label) must never read like two 
 
 from __future__ import annotations
 
-import socket
 import struct
 
-from . import NamedTuple  # typing.NamedTuple for type checkers; see the package docstring
+from . import TYPE_CHECKING, NamedTuple  # typing.NamedTuple for type checkers; see the package docstring
+
+if TYPE_CHECKING:
+    import socket
+else:
+    from . import sockets as socket  # `socket` itself would import enum
 
 TYPE_A, TYPE_NS, TYPE_CNAME, TYPE_SOA, TYPE_AAAA, TYPE_OPT = 1, 2, 5, 6, 28, 41
 CLASS_IN = 1

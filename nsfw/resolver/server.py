@@ -47,12 +47,16 @@ from __future__ import annotations
 
 import contextlib
 import heapq
-import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
 
 from . import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    import socket
+else:
+    from . import sockets as socket  # `socket` itself would import enum
 from .cache import GRANT_SLACK, Grant, IPAddress, _Answer, _Cache
 from .clients import _TcpClient, _TcpListener, _UdpDest, _UdpListener
 from .dnsmsg import (

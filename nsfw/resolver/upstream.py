@@ -15,11 +15,15 @@ import heapq
 import ipaddress
 import itertools
 import os
-import socket
 import time
 from collections.abc import Callable, Sequence
 
-from . import NamedTuple
+from . import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    import socket
+else:
+    from . import sockets as socket  # `socket` itself would import enum
 from .dnsmsg import NOERROR, NXDOMAIN, DnsFormatError, Response, make_query, parse_response
 from .poller import READ, WRITE, Poller, mask
 
