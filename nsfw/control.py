@@ -15,7 +15,7 @@ STOP_WAIT = 10.0
 
 def _counters(record: state.Record) -> dict[str, dict[str, int]]:
     from . import nft
-    from .compile import TABLE
+    from .granter import TABLE  # not compile: that would load the profile code and yaml for a constant
 
     try:
         with nspath.entered(record.netns):
