@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import nspath, state
 from .slimkeeper import LINGER_POLL as LINGER_POLL  # where the keeper's watch lives: its slim image runs it too
-from .slimkeeper import Watch, become_slim
+from .slimkeeper import Watch, become_slim, say
 from .slimkeeper import kill_all as kill_all
 from .slimkeeper import netns_id as netns_id
 from .slimkeeper import processes_by_namespace as processes_by_namespace
@@ -81,7 +81,7 @@ def keep(record: state.Record, from_supervisor: int, to_supervisor: int,
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         ns = netns_id(nspath.path(record.netns))
         granter = on_start()
-        _say(to_supervisor, b"ready")
+        say(to_supervisor, b"ready")
         watch.run(ns, lambda: close_if_empty(record, ns), lambda w: become_slim(w, record, ns, granter))
     except BaseException:
         code = 1
@@ -89,7 +89,7 @@ def keep(record: state.Record, from_supervisor: int, to_supervisor: int,
         try:
             reconcile.teardown(record)
             if watch.to_supervisor >= 0:
-                _say(watch.to_supervisor, b"done")
+                say(watch.to_supervisor, b"done")
         finally:
             os._exit(code)
 
@@ -103,10 +103,3 @@ def close_if_empty(record: state.Record, ns: tuple[int, int]) -> bool:
         current.closing = True
         state.save(current)
         return True
-
-
-def _say(fd: int, word: bytes) -> None:
-    try:
-        os.write(fd, word)
-    except OSError:
-        pass

@@ -17,26 +17,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from nsfw import caps
+from nsfw import caps, relay
 from nsfw.errors import NsfwError, PrivilegeError, SetupError
 
 EXIT_SETUP = 125
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
 
-# si_code of a signal the kernel itself raised, e.g. ^C or a window resize on the controlling terminal.
-SI_KERNEL = 0x80
-
-DEFAULT_FORWARD: tuple[signal.Signals, ...] = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGWINCH,
-    signal.SIGCONT,
-)
+# What nsfw relays to COMMAND (relay.RELAYED, by number there: the slim waiter and the warm client share it).
+DEFAULT_FORWARD: tuple[signal.Signals, ...] = tuple(signal.Signals(s) for s in relay.RELAYED)
 
 # (uid_t)-1 means "leave unchanged" to the set*id calls, so it can never name a user.
 _MAX_ID = 2**32 - 2
@@ -550,56 +539,14 @@ def parse_status(text: str) -> dict[str, str]:
 
 
 def wait_child(pid: int, *, forward: Iterable[signal.Signals] = DEFAULT_FORWARD) -> int:
-    """Wait for COMMAND, relaying the signals in forward; its exit status, or 128+N if signal N killed it.
-
-    The signals are blocked and taken with sigwaitinfo(), so no handler runs Python code between waitpid
-    calls and SIGCHLD cannot be missed: it stays pending from the moment it is blocked until it is taken.
-    """
-    relayed = frozenset(forward)
-    watched = relayed | {signal.SIGCHLD}
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    """Wait for COMMAND, relaying the signals in forward; its exit status, or 128+N if signal N killed it
+    (relay.py: the loop the slim waiter runs too)."""
+    relayed = tuple(forward)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {*relayed, signal.SIGCHLD})
     try:
-        while (status := _reap(pid)) is None:
-            info = signal.sigwaitinfo(watched)
-            # SIGCHLD may come from any child, or mean COMMAND stopped: _reap() decides.
-            if info.si_signo != signal.SIGCHLD and should_relay(info.si_code, info.si_pid, pid):
-                _relay(pid, info.si_signo)
+        status = relay.relay_until_exit(pid, relayed=relayed)
+        assert status is not None  # no deadline
         return status
     finally:
-        # Relayable signals that arrived after COMMAND exited were meant for it: drop them, so that they do
-        # not kill nsfw before it has removed the sandbox.
-        _drain(relayed)
+        relay.drain(relayed)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-
-
-def should_relay(si_code: int, si_pid: int, child: int) -> bool:
-    """Whether a signal nsfw got should go on to COMMAND.
-
-    Not when the kernel sent it (terminal ^C, ^\\, window resize: it went to the whole foreground process
-    group, COMMAND included, as sudo also reasons), nor when COMMAND sent it (kill(0, ...) reached COMMAND
-    already, and a signal it aimed at nsfw must not bounce back at it).
-    """
-    return si_code != SI_KERNEL and si_pid != child
-
-
-def exit_status(wait_status: int) -> int:
-    """A waitpid() status as a shell would report it: the exit code, or 128+N for death by signal N."""
-    if os.WIFSIGNALED(wait_status):
-        return 128 + os.WTERMSIG(wait_status)
-    return os.WEXITSTATUS(wait_status)
-
-
-def _reap(pid: int) -> int | None:
-    done, wait_status = os.waitpid(pid, os.WNOHANG)
-    return exit_status(wait_status) if done == pid else None
-
-
-def _relay(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):  # a zombie still accepts signals; kept for safety
-        os.kill(pid, signum)
-
-
-def _drain(signals: frozenset[signal.Signals]) -> None:
-    if signals:
-        while signal.sigtimedwait(signals, 0) is not None:
-            pass

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from . import session
+from .relay import exit_status
 
 SUDO = "/usr/bin/sudo"
 EXIT_USAGE = 125  # the launch failed before the application started, as `nsfw run` reports it
@@ -148,10 +149,6 @@ def _own_lines(chunk: bytes, pending: bytearray, notes: list[str]) -> None:
         pending.clear()
 
 
-def _exit_status(status: int) -> int:
-    return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-
-
 def inside_a_sandbox(status: str = "/proc/self/status") -> bool:
     """no_new_privs is set: this process descends from a sandboxed application (nsfw sets it for COMMAND), so
     sudo cannot gain privileges here, and nothing could start a sandbox of its own."""
@@ -204,7 +201,7 @@ def launch(request: Request, environ: Mapping[str, str]) -> int:
         status = _wait(pid, read_end if relay else None, notes)
     finally:
         fifo.remove()
-    code = _exit_status(status)
+    code = exit_status(status)
     if notes and relay:
         failed = code == EXIT_USAGE or any(n.startswith("sudo:") for n in notes)
         name = os.path.basename(request.command[0])

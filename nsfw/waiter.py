@@ -6,16 +6,19 @@ supervisor execs `slim.py waiter` (see nsfw/slim.py): same pid, so COMMAND stays
 shell still waits for it; the keeper's pipes are kept (made inheritable), everything else closes on exec.
 
 Nothing is lost across the exec: the relayed signals and SIGCHLD stay blocked throughout (a blocked mask and
-pending signals survive execve), and the new image takes them with sigwaitinfo() exactly as launch.wait_child
-does. Then it hands the sandbox to the keeper and exits with COMMAND's status; only when the keeper is gone does
+pending signals survive execve), and the new image takes them with relay.py's loop, the one launch.wait_child
+runs. Then it hands the sandbox to the keeper and exits with COMMAND's status; only when the keeper is gone does
 it import nsfw's clean-up (the rare path) and remove the sandbox itself.
 
-This module imports built-in modules only (posix, _signal, time, sys): it is the whole of the slim waiter.
+This module and nsfw/relay.py import built-in modules only (posix, _signal, time, sys): they are the whole of
+the slim waiter.
 """
 
 import posix
 import sys
 import time
+
+from nsfw.relay import RELAYED, SIGCHLD, drain, relay_until_exit
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; type checkers take it as True
 if TYPE_CHECKING:
@@ -25,53 +28,6 @@ else:
 
 GRACE = 1.5  # seconds COMMAND runs before the supervisor slims down
 SCRIPT = __file__.rsplit("/", 1)[0] + "/slim.py"
-SI_KERNEL = 0x80  # as launch.SI_KERNEL
-SIGCHLD = _signal.SIGCHLD
-# launch.DEFAULT_FORWARD, as numbers (pinned by a test): `signal` would import enum
-RELAYED = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGQUIT, _signal.SIGUSR1, _signal.SIGUSR2,
-           _signal.SIGWINCH, _signal.SIGCONT)
-
-
-def should_relay(si_code: int, si_pid: int, child: int) -> bool:
-    """launch.should_relay: not what the kernel sent the whole process group, nor what COMMAND sent us."""
-    return si_code != SI_KERNEL and si_pid != child
-
-
-def _status(wait_status: int) -> int:
-    if posix.WIFSIGNALED(wait_status):
-        return 128 + posix.WTERMSIG(wait_status)
-    return posix.WEXITSTATUS(wait_status)
-
-
-def relay_until_exit(pid: int, deadline: float | None = None) -> int | None:
-    """COMMAND's exit status, relaying signals meanwhile; None when `deadline` (monotonic) passes first.
-    The caller has blocked RELAYED and SIGCHLD."""
-    watched = {*RELAYED, SIGCHLD}
-    while True:
-        done, wait_status = posix.waitpid(pid, posix.WNOHANG)
-        if done == pid:
-            return _status(wait_status)
-        if deadline is None:
-            info = _signal.sigwaitinfo(watched)
-        else:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            got = _signal.sigtimedwait(watched, left)
-            if got is None:
-                continue
-            info = got
-        if info.si_signo != SIGCHLD and should_relay(info.si_code, info.si_pid, pid):
-            try:
-                posix.kill(pid, info.si_signo)
-            except ProcessLookupError:
-                pass
-
-
-def drain() -> None:
-    """Relayable signals that arrived after COMMAND exited were meant for it (as launch.wait_child)."""
-    while _signal.sigtimedwait(RELAYED, 0) is not None:
-        pass
 
 
 def wait(pid: int, keeper_fds: tuple[int, int, int] | None, record_id: str, slim: bool = True) -> int:

@@ -10,11 +10,9 @@ import _socket
 import posix
 import sys
 
+from nsfw.relay import RELAYED  # built-in modules only, as this one
+
 SOCKET = "/run/nsfw/warm.sock"
-# launch.DEFAULT_FORWARD, by number: importing launch (ctypes, pwd) or even `signal` (enum) would cost the
-# client more than it saves. tests/unit check the two lists agree.
-RELAYED = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGQUIT, _signal.SIGUSR1, _signal.SIGUSR2,
-           _signal.SIGWINCH, _signal.SIGCONT)
 VERSION = b"nsfw-warm-2"
 
 

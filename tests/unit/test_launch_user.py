@@ -11,15 +11,13 @@ import pytest
 from nsfw.errors import NsfwError, PrivilegeError
 from nsfw.launch import (
     DEFAULT_FORWARD,
-    SI_KERNEL,
     ExecError,
     User,
-    exit_status,
     invoking_user,
     parse_status,
     privilege_problems,
-    should_relay,
 )
+from nsfw.relay import SI_KERNEL, exit_status, should_relay
 
 
 def _unused_uid() -> int:
@@ -188,7 +186,3 @@ def test_privilege_problems_names_what_is_left() -> None:
     assert "CapAmb" not in problems
 
 
-def test_the_warm_client_relays_the_same_signals() -> None:
-    from nsfw.warmclient import RELAYED
-
-    assert tuple(RELAYED) == tuple(DEFAULT_FORWARD)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from nsfw import granter, launch, slimkeeper, waiter
+from nsfw import granter, slimkeeper, waiter
 from nsfw.resolver import entry
 from nsfw.resolver.cache import Grant
 
@@ -32,12 +32,6 @@ def until(what: Any, timeout: float = 20) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- the waiter
-
-
-def test_waiter_relays_what_launch_relays() -> None:
-    assert tuple(int(s) for s in launch.DEFAULT_FORWARD) == waiter.RELAYED
-    for code, pid in ((0, 1), (launch.SI_KERNEL, 1), (0, 99), (-6, 5)):
-        assert waiter.should_relay(code, pid, 99) == launch.should_relay(code, pid, 99)
 
 
 def _supervise(script: str, grace: float) -> subprocess.Popen[str]:
