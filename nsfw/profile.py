@@ -148,6 +148,10 @@ class Profile:
     sha256: str = ""
     files: tuple[str, ...] = field(default=(), compare=False)
 
+    @property
+    def host_rules(self) -> tuple[Rule, ...]:
+        return tuple(r for r in self.allow + self.deny if r.kind == "host")
+
 
 Reader = Callable[[Path], bytes]
 
