@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -37,32 +38,24 @@ import common as c
 import gen
 
 BARE, NFQ = "bench-bare", "bench-nfq"
-# --diagnose: the unfiltered namespace plus one piece of what a sandbox's table costs at a time
-DIAGNOSE: dict[str, str | None] = {
+# --diagnose: the unfiltered namespace plus one piece of what a sandbox's table costs at a time. A value is the
+# ruleset itself, or what to make of the sandbox's own table (`nft list`'s text).
+DIAGNOSE: dict[str, str | Callable[[str], str]] = {
+    # what a table that needs conntrack would cost (the sandbox's has none: nsfw/compile.py)
     "unfiltered + conntrack": (
         "table inet diag { chain output { type filter hook output priority 0; policy accept;\n"
         " ct state established,related accept;\n}\n}\n"),
-    "unfiltered + conntrack + nat hook": (
-        "table inet diag { chain output { type filter hook output priority 0; policy accept;\n"
-        " ct state established,related accept;\n}\n"
-        " chain dns { type nat hook output priority -100; policy accept;\n"
-        " meta nfproto ipv4 oif != lo meta l4proto . th dport { udp . 53, tcp . 53 } dnat ip to 10.99.9.9;\n}\n}\n"),
-    # a sandbox's hooks, with TCP untracked as in its table, and nothing else
-    "unfiltered + TCP notrack": (
-        "table inet diag {\n"
-        " chain raw_output { type filter hook output priority raw; meta l4proto tcp notrack;\n}\n"
-        " chain raw_prerouting { type filter hook prerouting priority raw; meta l4proto tcp notrack;\n}\n"
-        " chain output { type filter hook output priority 0; policy accept;\n"
-        " tcp flags & (fin | syn | rst | ack) != syn accept;\n ct state established,related accept;\n}\n"
-        " chain input { type filter hook input priority 0; policy accept;\n meta l4proto tcp accept;\n}\n}\n"),
-    # the floor of a table with no conntrack at all in the sandbox: two filter hooks, one rule each
+    # the floor of a table: two filter hooks, one rule each
     "unfiltered + filter hooks, no conntrack": (
         "table inet diag {\n"
         " chain output { type filter hook output priority 0; policy accept;\n"
         " tcp flags & (fin | syn | rst | ack) != syn accept;\n}\n"
         " chain input { type filter hook input priority 0; policy accept;\n meta l4proto tcp accept;\n}\n}\n"),
     # the sandbox's own table, copied: its namespace's share of the cost, without the host table's
-    "unfiltered + the sandbox's table": None,
+    "unfiltered + the sandbox's table": lambda table: table,
+    # ... and without its verdict cache: every first SYN classified
+    "unfiltered + the sandbox's table, no verdict cache": lambda table: "\n".join(
+        line for line in table.splitlines() if "@seen" not in line),
 }
 CT_SYSCTLS = {f"net.netfilter.nf_conntrack_tcp_timeout_{k}": "1"
               for k in ("close", "time_wait", "fin_wait", "close_wait", "last_ack")}
@@ -144,9 +137,10 @@ def measure(rounds: int = 5, seconds: float = 3.0, conc: int = 16,
             c.wrun(w, [*nsfw_run, c.PYTHON, "-I", os.path.abspath(__file__), "--resolve", *names])
             extra["resolve_200_names_s"] = time.perf_counter() - t0
             extra["set_elements"] = sizes = set_sizes(w, rec["netns"])
+            own = c.wrun(w, ["ip", "netns", "exec", rec["netns"], "nft", "list", "table", "inet", "nsfw"]).stdout
             for label, ns in diag_ns.items():
-                script = DIAGNOSE[label] or c.wrun(w, ["ip", "netns", "exec", rec["netns"], "nft", "list", "table",
-                                                       "inet", "nsfw"]).stdout
+                make = DIAGNOSE[label]
+                script = make if isinstance(make, str) else make(own)
                 c.wrun(w, ["ip", "netns", "exec", ns, "nft", "-f", "-"], input=script)
             c.log(f"datapath: sandbox {rec['id']}, sets {sizes}")
             blocked = gen.blocklist(10)[3].split("/")[0]
@@ -192,11 +186,11 @@ def measure(rounds: int = 5, seconds: float = 3.0, conc: int = 16,
                 c.log(f"datapath: round {rnd + 1}/{rounds}: " + ", ".join(
                     f"{k} {v[-1]:,.0f}/s" for k, v in rates.items()))
             extra["set_elements_after"] = set_sizes(w, rec["netns"])
-            # TCP is not tracked in the sandbox (nsfw/compile.py): its load must have left no entry there
+            # No conntrack in the sandbox (nsfw/compile.py): its load, and its 200 lookups, left no entry there
             c.wrun(w, [*nsfw_run, *load[:5], "1", "10000000"], timeout=30)
             entries = c.wrun(w, ["ip", "netns", "exec", rec["netns"], "cat", "/proc/net/nf_conntrack"]).stdout
-            extra["sandbox_conntrack_tcp_entries"] = tcp_entries = sum(" tcp " in x for x in entries.splitlines())
-            c.log(f"datapath: conntrack entries for TCP in the sandbox after its load: {tcp_entries}")
+            extra["sandbox_conntrack_entries"] = n_entries = len(entries.splitlines())
+            c.log(f"datapath: conntrack entries in the sandbox after its load: {n_entries}")
     finally:
         subprocess.run(["rm", "-rf", work], check=False)
     extra["rates"] = rates

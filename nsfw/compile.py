@@ -4,24 +4,28 @@ The sandbox's table classifies each new outbound connection's destination into a
 lookup, then decides in that zone's chain. Profile rules become set elements, not rules, so a profile of ten
 thousand CIDRs costs the data path a lookup, not ten thousand comparisons:
 
-    raw:    TCP is not tracked in the sandbox (see below)
-    output: loopback, TCP but a connection's first SYN, established, DNS (the host redirects it to the
+    output: loopback, TCP but a connection's first SYN, a known UDP flow, DNS (the host redirects it to the
             sandbox's resolver) -> accept; cidr deny and denied-name sets -> reject;
             daddr vmap @zone (host -> to_host, lan -> to_lan, other -> to_other), else to_internet
     to_ZONE: zone deny rules -> reject; granted name addresses (lan, internet) -> accept;
              cidr allow set -> accept (not to_host); zone allow rules -> accept; the profile's default
+    opened:  what a zone chain accepts: a UDP flow is remembered (below), then accept
 
 The host's table for a `nat` sandbox (host_ruleset) redirects its DNS, masquerades it, and isolates it. The
 sandbox's table has no nat chain: a nat hook there would cost every new connection, where the host's
 conntrack, which NAT needs anyway, carries the redirect for nothing.
 
-TCP is not tracked in the sandbox's namespace: conntrack there cost every new connection about a tenth of its
-rate, and the host's conntrack, which NAT needs anyway, already follows each flow. Only a connection's first
-packet, a bare SYN, is classified; the rest of it passes. The host's table keeps that honest: from the sandbox
-it drops TCP that its conntrack finds invalid, or new without being a bare SYN (a mid-stream ACK would otherwise
-open a flow nobody classified), and it lets into the sandbox only replies. Rejects stay in the sandbox, whose
-ICMP errors reach the app over loopback, free of the ICMP rate limit a reject from the host would hit. UDP and
-ICMP keep conntrack in the sandbox: a UDP flow to a granted name must outlive the grant, which needs state.
+There is no conntrack in the sandbox's namespace: the table uses no `ct` expression, so the kernel registers
+none of conntrack's hooks there. They cost every new connection about a tenth of its rate, and the host's
+conntrack, which NAT needs anyway, already follows each flow. For TCP, only a connection's first packet, a bare
+SYN, is classified; the rest of it passes. The host's table keeps that honest: from the sandbox it drops TCP
+that its conntrack finds invalid, or new without being a bare SYN (a mid-stream ACK would otherwise open a flow
+nobody classified), and it lets into the sandbox only replies. For UDP, the flow a classified packet opens goes
+into a set from the packet path (`update`), keyed by far address, far port and own port, and expires
+FLOW_TIMEOUT after its last packet either way: that is what lets replies in and a flow to a granted name
+outlive the grant, as conntrack's state did. ICMP is classified packet by packet (echo replies and errors come
+in). Rejects stay in the sandbox, whose ICMP errors reach the app over loopback, free of the ICMP rate limit a
+reject from the host would hit.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from itertools import pairwise
 from typing import Any
 
 from .granter import FAMILY as FAMILY  # the granter's: the slim keeper runs it without this module
+from .granter import SEEN as SEEN
 from .granter import TABLE as TABLE
 from .granter import grant_set as grant_set
 from .intervals import Box, Cell, Span, disjoint, disjoint_cells, merge_addresses, merge_packed
@@ -56,7 +61,6 @@ ICMP = {4: 1, 6: 58}
 PROTO_NAME = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp"}
 ALL: Span = (0, 255)
 ALL_PORTS: Span = (0, 65535)
-RAW = -300  # before conntrack (-200), where notrack must be
 ND_TYPES = ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert"]
 
 
@@ -95,12 +99,58 @@ _FLAGS = _payload("tcp", "flags")  # nft adds the `meta l4proto tcp` this depend
 NOT_FIRST_SYN = _match({"&": [_FLAGS, ["fin", "syn", "rst", "ack"]]}, "syn", "!=")
 # An opening SYN from outside: the sandbox takes no connections (SYN-ACK, a reply, does not match).
 OPENING_SYN = _match({"&": [_FLAGS, ["syn", "ack"]]}, "syn")
-# ICMP errors about the sandbox's TCP flows, which its conntrack cannot call related (TCP is untracked there):
-# path MTU ("fragmentation needed" is a destination-unreachable code), unreachable, time exceeded.
-ICMP_ERRORS = [
-    _match(_payload("icmp", "type"), {"set": ["destination-unreachable", "time-exceeded"]}),
-    _match(_payload("icmpv6", "type"), {"set": ["destination-unreachable", "packet-too-big", "time-exceeded"]}),
+# What ICMP the sandbox takes in: echo replies, and errors about its flows (path MTU: "fragmentation needed" is a
+# destination-unreachable code). The host forwards them only when its conntrack found them part of, or related
+# to, a flow of the sandbox.
+ICMP_IN = [
+    _match(_payload("icmp", "type"), {"set": ["echo-reply", "destination-unreachable", "time-exceeded"]}),
+    _match(_payload("icmpv6", "type"),
+           {"set": ["echo-reply", "destination-unreachable", "packet-too-big", "time-exceeded"]}),
 ]
+
+
+# The sandbox has no conntrack at all (it cost every new connection about a tenth of its rate): its UDP flows
+# are remembered in a set filled from the packet path, keyed by the far end and both ports, each element
+# expiring FLOW_TIMEOUT after the last packet either way (conntrack's own timeout for a UDP stream).
+OPENED = "opened"
+FLOWS = {4: "flows4", 6: "flows6"}
+FLOW_TIMEOUT = 120
+FLOW_MAX = 65536  # per sandbox; when full, a new flow is still classified packet by packet, but gets no replies
+DNS_REPLY = _match(_payload("udp", "sport"), 53)
+# A TCP destination (address, port) the profile let a connection open is not classified again for VERDICT_TTL
+# seconds: a browser opens many connections to the same few places, and the classification (the blocklist, the
+# zone map, the grant and rule sets) was most of what a sandbox cost a new connection. An entry is never
+# refreshed, so no verdict is older than that: a grant that ends takes effect within it. An address learned for a
+# denied name empties the cache at once (granter.SEEN). (A UDP flow is remembered whole, in FLOWS.)
+VERDICT_TTL = 1
+
+
+def _flow(version: int, way: str) -> dict[str, Any]:
+    """A UDP packet's flow key, (far address, far port, own port), as it leaves ("out") or comes in ("in")."""
+    if way == "out":
+        return {"concat": [_daddr(version), _payload("udp", "dport"), _payload("udp", "sport")]}
+    return {"concat": [_saddr(version), _payload("udp", "sport"), _payload("udp", "dport")]}
+
+
+def _refresh(version: int, way: str) -> dict[str, Any]:
+    """Adds the packet's flow, or restarts its timeout (nft's `update`); a full set leaves the rule there."""
+    return {"set": {"op": "update", "elem": _flow(version, way), "set": f"@{FLOWS[version]}"}}
+
+
+def _dest(version: int) -> dict[str, Any]:
+    return {"concat": [_daddr(version), _payload("tcp", "dport")]}
+
+
+def _seen_set(version: int) -> Cmd:
+    return {"add": {"set": {"family": FAMILY, "table": TABLE, "name": SEEN[version],
+                            "type": ["ipv4_addr" if version == 4 else "ipv6_addr", "inet_service"],
+                            "flags": ["timeout"], "timeout": VERDICT_TTL, "size": FLOW_MAX}}}
+
+
+def _flow_set(version: int) -> Cmd:
+    return {"add": {"set": {"family": FAMILY, "table": TABLE, "name": FLOWS[version],
+                            "type": ["ipv4_addr" if version == 4 else "ipv6_addr", "inet_service", "inet_service"],
+                            "flags": ["timeout"], "timeout": FLOW_TIMEOUT, "size": FLOW_MAX}}}
 
 
 def _verdict(v: str, target: str | None = None) -> dict[str, Any]:
@@ -441,19 +491,19 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
     env = env or HostEnv()
     parts = _parts(profile)
     cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}, *_sets(profile, parts)]
+    cmds += [_flow_set(v) for v in (4, 6)] + [_seen_set(v) for v in (4, 6)]
     resolvers: dict[int, str] = {ipaddress.ip_address(g).version: g for g in gateways}
-    cmds += [_chain("raw_output", "filter", "output", RAW), _chain("raw_prerouting", "filter", "prerouting", RAW)]
     cmds += [_chain("output", "filter", "output", 0, "drop"), _chain("input", "filter", "input", 0, "drop")]
-    cmds += [_chain(chain) for chain in ZONE_CHAINS]
+    cmds += [_chain(chain) for chain in (*ZONE_CHAINS, OPENED)]
     cmds += _zone_maps(env, gateways)
-    cmds += [_rule(chain, TCP, {"notrack": None}) for chain in ("raw_output", "raw_prerouting")]
     cmds += [
         _rule("output", _match(_meta("oif"), "lo"), _verdict("accept")),
         # The rest of a connection whose SYN this chain accepted (or a reset of one it refused): the host's
         # table drops what its conntrack does not know (host_ruleset).
         _rule("output", NOT_FIRST_SYN, _verdict("accept")),
-        _rule("output", ESTABLISHED, _verdict("accept")),
-        _rule("output", INVALID, _verdict("drop")),
+        *(_rule("output", _match(_dest(v), f"@{SEEN[v]}"), _verdict("accept")) for v in (4, 6)),
+        *(_rule("output", _match(_flow(v, "out"), f"@{FLOWS[v]}"), _refresh(v, "out"), _verdict("accept"))
+          for v in (4, 6)),
         _rule("output", ND, _verdict("accept")),
     ]
     # Every DNS packet, to any address, reaches the sandbox's own resolver: the host table redirects it
@@ -464,18 +514,33 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
     cmds += _classify("output", profile, parts)
     for chain in ZONE_CHAINS:
         cmds += _zone_chain(chain, profile, parts)
+    # A UDP flow the profile let open is remembered, so that its replies come in and it outlives a name's grant.
+    cmds += [*(_rule(OPENED, _refresh(v, "out")) for v in (4, 6)),
+             *(_rule(OPENED, {"set": {"op": "add", "elem": _dest(v), "set": f"@{SEEN[v]}"}}) for v in (4, 6)),
+             _rule(OPENED, _verdict("accept"))]
     cmds += [
         _rule("input", _match(_meta("iif"), "lo"), _verdict("accept")),
         # Replies to the sandbox's TCP: the host's table lets only those of flows its conntrack knows through.
         _rule("input", OPENING_SYN, _verdict("drop")),
         _rule("input", TCP, _verdict("accept")),
-        _rule("input", ESTABLISHED, _verdict("accept")),
-        # Forwarded only when the host's conntrack found them related to a flow of the sandbox.
-        *(_rule("input", m, _verdict("accept")) for m in ICMP_ERRORS),
+        *(_rule("input", _match(_flow(v, "in"), f"@{FLOWS[v]}"), _refresh(v, "in"), _verdict("accept"))
+          for v in (4, 6)),
+        # The resolver's answers, which the host's conntrack returns from wherever the query was sent.
+        _rule("input", DNS_REPLY, _verdict("accept")),
+        *(_rule("input", m, _verdict("accept")) for m in ICMP_IN),
         _rule("input", ND, _verdict("accept")),
         _rule("input", _verdict("drop")),
     ]
-    return _counted(cmds)
+    return _opened(_counted(cmds))
+
+
+def _opened(cmds: list[Cmd]) -> list[Cmd]:
+    """What the zone chains accept goes through `opened`, which remembers a UDP flow before accepting it."""
+    for cmd in cmds:
+        rule = cmd.get("add", {}).get("rule")
+        if rule and rule["chain"] in ZONE_CHAINS and rule["expr"][-1] == {"accept": None}:
+            rule["expr"][-1] = _verdict("goto", OPENED)
+    return cmds
 
 
 COUNTERS = {"accept": "allowed", "reject": "denied"}
@@ -488,7 +553,7 @@ def _counted(cmds: list[Cmd]) -> list[Cmd]:
     out += [{"add": {"counter": {"family": FAMILY, "table": TABLE, "name": n}}} for n in COUNTERS.values()]
     for cmd in cmds[1:]:
         rule = cmd.get("add", {}).get("rule")
-        if rule and rule["chain"] != "input" and rule["expr"][0] not in (_match(_meta("oif"), "lo"), ND):
+        if rule and rule["chain"] not in ("input", OPENED) and rule["expr"][0] not in (_match(_meta("oif"), "lo"), ND):
             verdict = next(iter(rule["expr"][-1]))
             exprs = [e for e in rule["expr"] if "counter" not in e]
             if verdict in COUNTERS:

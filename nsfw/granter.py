@@ -27,6 +27,9 @@ MAX_TIMEOUT = 7 * 86400
 # Browsers and getaddrinfo caches keep an address about a minute whatever its TTL: a grant shorter than that
 # would block the app's next connection to an address it was rightly given. Never shorter than the TTL either.
 MIN_GRANT = 60
+# The sandbox's verdict cache (compile.SEEN): a destination accepted a moment ago skips classification, so an
+# address learned for a denied name must empty it, or the cache would let it through a moment longer.
+SEEN = {4: "seen4", 6: "seen6"}
 
 
 def grant_set(group: int, version: int) -> str:
@@ -159,6 +162,8 @@ class Granter:
             todo = {k: t + 1 if self.timeouts.get(k) == t else t for k, t in todo.items()}
         live = [] if READD_REFRESHES else [k for k in todo if self.expiry.get(k, 0) > now + 0.5]
         cmds = [_element("delete", k) for k in live] + [_element("add", k, t) for k, t in todo.items()]
+        if any(k[0].startswith("dnsdeny") for k in todo):
+            cmds += [{"flush": {"set": {"family": FAMILY, "table": TABLE, "name": n}}} for n in SEEN.values()]
         try:
             nft.apply(cmds, "name grant")
         except SetupError:

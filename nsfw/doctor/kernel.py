@@ -74,17 +74,21 @@ def _tiny_rulesets() -> list[tuple[str, list[dict[str, Any]]]]:
                                "policy": "accept"}}},
             {"add": {"rule": {"family": "inet", "chain": "o", "expr": [
                 {"match": {"op": "==", "left": concat, "right": "@s"}}, {"accept": None}]}}})),
-        ("raw chain with notrack, TCP flags (the sandbox's TCP is not tracked)", table(
-            "notrack",
-            {"add": {"chain": {"family": "inet", "name": "r", "type": "filter", "hook": "output", "prio": -300,
+        ("sets filled from the packet path (the sandbox's UDP flows), TCP flags", table(
+            "dynset",
+            {"add": {"set": {"family": "inet", "name": "f", "type": ["ipv4_addr", "inet_service", "inet_service"],
+                             "flags": ["timeout"], "timeout": 120, "size": 65536}}},
+            {"add": {"chain": {"family": "inet", "name": "o", "type": "filter", "hook": "output", "prio": 0,
                                "policy": "accept"}}},
-            {"add": {"rule": {"family": "inet", "chain": "r", "expr": [
-                {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
-                {"notrack": None}]}}},
-            {"add": {"rule": {"family": "inet", "chain": "r", "expr": [
+            {"add": {"rule": {"family": "inet", "chain": "o", "expr": [
                 {"match": {"op": "!=", "left": {"&": [{"payload": {"protocol": "tcp", "field": "flags"}},
                                                       ["fin", "syn", "rst", "ack"]]}, "right": "syn"}},
-                {"accept": None}]}}})),
+                {"accept": None}]}}},
+            {"add": {"rule": {"family": "inet", "chain": "o", "expr": [
+                {"set": {"op": "update", "set": "@f", "elem": {"concat": [
+                    {"payload": {"protocol": "ip", "field": "daddr"}},
+                    {"payload": {"protocol": "udp", "field": "dport"}},
+                    {"payload": {"protocol": "udp", "field": "sport"}}]}}}]}}})),
     ]
 
 

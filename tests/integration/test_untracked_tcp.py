@@ -1,4 +1,4 @@
-"""TCP is not tracked in the sandbox's namespace (nsfw/compile.py): only a connection's first SYN is classified
+"""There is no conntrack in the sandbox's namespace (nsfw/compile.py): only a connection's first SYN is classified
 there, the host's table drops TCP its conntrack never saw open with a SYN, and ICMP errors about TCP flows are
 taken as such. Crafted packets come from raw sockets as root in the sandbox's namespace (what an app could send
 if it held CAP_NET_RAW, which nsfw never gives it: the host's table must hold without the sandbox's help).
@@ -109,13 +109,16 @@ class Held:
             line = self.proc.stdout.readline().strip()
             assert line.isdigit(), f"the app did not connect: {line!r}"
             self.port = int(line)
-            listing = world.run(["sh", "-c", "cat /run/nsfw/sandboxes/*.json"]).stdout
-            (self.record,) = [r for r in (json.loads(c) for c in listing.replace("}\n{", "}\x00{").split("\x00")
-                                          if c.strip()) if r.get("profile_path") == profile]
-            self.addr = self.record["addresses"][0].split("/")[0]
+            self._record(profile)
         except BaseException:
             self.close()
             raise
+
+    def _record(self, profile: str) -> None:
+        listing = self.world.run(["sh", "-c", "cat /run/nsfw/sandboxes/*.json"]).stdout
+        (self.record,) = [r for r in (json.loads(c) for c in listing.replace("}\n{", "}\x00{").split("\x00")
+                                      if c.strip()) if r.get("profile_path") == profile]
+        self.addr = self.record["addresses"][0].split("/")[0]
 
     def ask(self) -> list[str]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -192,10 +195,14 @@ def test_tcp_to_a_granted_name_outlives_the_grant(world: Any, profile_dir: Path)
     p = write_profile(profile_dir, "rawtcp", PROFILE.replace("zone: internet", f"cidr: {BLOCKED_ADDR}"))
     held = Held(world, p, "allowed.test")
     try:
+        world.run(["sleep", "1.1"])  # past VERDICT_TTL: the next connection is classified afresh...
         assert held.ask() == ["echo still here", "new reached"]
+        cached = [e["val"]["concat"] for e in grant_set(world, held.record, "seen4")]
+        assert cached == [[ALLOWED, PORT]]  # ...and its verdict cached, without the (random) local port
         assert [e["val"] for e in grant_set(world, held.record, "dns4_0")] == [ALLOWED]
         gone = held.sandbox("nft", "delete", "element", "inet", "nsfw", "dns4_0", f"{{ {ALLOWED} }}")
         assert gone.returncode == 0, gone.stderr
+        world.run(["sleep", "1.1"])  # a cached verdict lasts VERDICT_TTL at most
         assert held.ask() == ["echo still here", "new failed 113"]  # EHOSTUNREACH: the ruleset's reject
     finally:
         held.close()

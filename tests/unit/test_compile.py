@@ -103,6 +103,8 @@ def named_set(cmds: list[Cmd], name: str) -> dict[str, Any]:
 def verdict(expr: list[dict[str, Any]]) -> str | None:
     """The rule's verdict, with drop and reject both read as 'deny'."""
     for stmt in expr:
+        if stmt.get("goto") == {"target": nc.OPENED}:  # remembers a UDP flow, then accepts
+            return "accept"
         for v in ("accept", "drop", "reject", "goto", "jump", "masquerade"):
             if v in stmt:
                 return "deny" if v in ("drop", "reject") else v
@@ -118,9 +120,10 @@ def mentions(expr: Any, needle: str) -> bool:
 NOMATCH = object()
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58}
 ND = {"nd-router-solicit": 133, "nd-router-advert": 134, "nd-neighbor-solicit": 135, "nd-neighbor-advert": 136}
-ICMP_TYPES = {4: {"destination-unreachable": 3, "redirect": 5, "echo-request": 8, "time-exceeded": 11},
+ICMP_TYPES = {4: {"echo-reply": 0, "destination-unreachable": 3, "redirect": 5, "echo-request": 8,
+                  "time-exceeded": 11},
               6: {**ND, "destination-unreachable": 1, "packet-too-big": 2, "time-exceeded": 3, "echo-request": 128,
-                  "nd-redirect": 137}}
+                  "echo-reply": 129, "nd-redirect": 137}}
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,10 @@ class Pkt:
     proto: int
     dport: int
     saddr: int = 0
+    # conntrack's word in the host's namespace; in the sandbox's, "established" stands for a UDP flow an earlier
+    # packet opened (its flow set holds it)
     state: str = "new"
+    sport: int = 40000
     iif: str = "eth0"
     oif: str = "eth0"
     icmp_type: int | None = None
@@ -149,7 +155,8 @@ def pkt(daddr: str, proto: str | int = "tcp", dport: int = 443, **kw: Any) -> Pk
 
 def _kind(left: dict[str, Any]) -> str:
     if "payload" in left:
-        return {"daddr": "addr", "saddr": "addr", "dport": "port", "type": "icmp_type"}[left["payload"]["field"]]
+        return {"daddr": "addr", "saddr": "addr", "dport": "port", "sport": "port",
+                "type": "icmp_type"}[left["payload"]["field"]]
     if "meta" in left:
         return "proto" if left["meta"]["key"] == "l4proto" else "str"
     return "str"  # ct state, and tcp flags (compared as sets)
@@ -179,6 +186,10 @@ def _value(left: dict[str, Any], p: Pkt) -> Any:
     if proto == "th":
         assert fld == "dport"
         return p.dport
+    if proto in ("tcp", "udp"):  # nft adds the `meta l4proto` this depends on
+        if p.proto != PROTO_NUMBERS[proto]:
+            return NOMATCH
+        return {"dport": p.dport, "sport": p.sport}[fld]
     if proto == "icmpv6":
         return p.icmp_type if p.version == 6 and p.proto == 58 and p.icmp_type is not None else NOMATCH
     if proto == "icmp":
@@ -270,6 +281,8 @@ def _matches(m: dict[str, Any], p: Pkt, ix: Index, table: str) -> bool:
     kinds = [_kind(x) for x in left["concat"]] if "concat" in left else [_kind(left)]
     if "&" in left:
         hit = value == frozenset(right if isinstance(right, list) else [right])
+    elif isinstance(right, str) and right in DYNAMIC:  # filled from the packet path: modelled by the packet's state
+        hit = DYNAMIC[right](p)
     elif isinstance(right, str) and right.startswith("@"):
         set_kinds, elems = ix.sets[(table, right[1:])]
         assert set_kinds == kinds, (right, set_kinds, kinds)
@@ -288,6 +301,13 @@ def _matches(m: dict[str, Any], p: Pkt, ix: Index, table: str) -> bool:
     return hit
 
 
+# The sandbox's sets filled from the packet path. A flow set holds the packet's flow when an earlier packet of it
+# was let out ("established"); the verdict cache is taken as empty, so the classification it repeats is what is
+# tested (test_the_verdict_cache_holds_only_what_was_accepted).
+DYNAMIC: dict[str, Any] = {**{f"@{n}": (lambda p: p.state == "established") for n in nc.FLOWS.values()},
+                           **{f"@{n}": (lambda p: False) for n in nc.SEEN.values()}}
+
+
 def run_chain(cmds: list[Cmd], chain: str, p: Pkt, table: str = nc.TABLE, depth: int = 0) -> str | None:
     """The verdict `chain` gives `p`, None when it falls off the end. 'masquerade' and 'dnat' count as
     verdicts."""
@@ -298,7 +318,7 @@ def run_chain(cmds: list[Cmd], chain: str, p: Pkt, table: str = nc.TABLE, depth:
             if "match" in stmt:
                 if not _matches(stmt["match"], p, ix, table):
                     break
-            elif "counter" in stmt:
+            elif "counter" in stmt or "set" in stmt:  # a set statement changes no verdict
                 continue
             elif "vmap" in stmt:
                 hit = _map_lookup(ix, table, stmt["vmap"], p)
@@ -315,7 +335,7 @@ def run_chain(cmds: list[Cmd], chain: str, p: Pkt, table: str = nc.TABLE, depth:
                 break
             else:
                 (v,) = stmt
-                assert v in ("accept", "drop", "reject", "masquerade", "dnat", "notrack"), stmt
+                assert v in ("accept", "drop", "reject", "masquerade", "dnat"), stmt
                 return v
     return None
 
@@ -334,17 +354,8 @@ def _map_lookup(ix: Index, table: str, vmap: dict[str, Any], p: Pkt) -> dict[str
     return None
 
 
-RAW = {"output": "raw_output", "input": "raw_prerouting"}  # the sandbox's notrack chains, by the hook's packets
-
-
 def run_hook(cmds: list[Cmd], chain: str, p: Pkt, table: str = nc.TABLE) -> str:
-    """The base chain's verdict; first the table's raw chain for that hook, whose notrack leaves the packet
-    without conntrack state ('untracked', whatever `p.state` said)."""
-    raw = RAW.get(chain)
-    if raw and (table, raw) in index(cmds).rules:
-        assert index(cmds).policy[(table, raw)] == "accept"
-        if run_chain(cmds, raw, p, table) == "notrack":
-            p = replace(p, state="untracked")
+    """The base chain's verdict, its policy when no rule gives one."""
     return run_chain(cmds, chain, p, table) or index(cmds).policy[(table, chain)]
 
 
@@ -497,14 +508,12 @@ def test_loopback_established_and_neighbour_discovery_pass_everything_else_does_
     cmds = nc.sandbox_ruleset(prof())
     assert out(cmds, pkt("8.8.8.8")) == "deny"
     assert out(cmds, pkt("127.0.0.1", oif="lo")) == "accept"
-    assert out(cmds, pkt("8.8.8.8", "udp", state="established")) == "accept"
-    assert out(cmds, pkt("8.8.8.8", "udp", state="related")) == "accept"
+    assert out(cmds, pkt("8.8.8.8", "udp", state="established")) == "accept"  # a UDP flow opened before
+    assert out(cmds, pkt("8.8.8.8", "udp", state="new")) == "deny"
     assert out(cmds, pkt("8.8.8.8", "tcp", flags="ack")) == "accept"  # TCP: see test_tcp_*
     assert out(cmds, pkt("ff02::2", "icmp", 0, icmp_type=133)) == "accept"
     assert out(cmds, pkt("ff02::2", "icmp", 0, icmp_type=128)) == "deny"  # echo request
-    assert run_hook(cmds, "output", pkt("8.8.8.8", "udp", state="invalid")) == "drop"  # dropped, not answered
     allow_all = nc.sandbox_ruleset(prof(default="allow"))
-    assert run_hook(allow_all, "output", pkt("8.8.8.8", "udp", state="invalid")) == "drop"
     assert out(allow_all, pkt("8.8.8.8")) == "accept"
 
 
@@ -517,8 +526,11 @@ def test_input_takes_only_replies() -> None:
         assert run_hook(cmds, "input", pkt("10.213.0.2", "tcp", 22, iif="eth0", flags="syn,ack")) == "accept"
         assert run_hook(cmds, "input", pkt("127.0.0.1", "tcp", 22, iif="lo")) == "accept"
         assert run_hook(cmds, "input", pkt("fe80::2", "icmp", 0, iif="eth0", icmp_type=136)) == "accept"
+        # the resolver's answers (the host's conntrack returns them from where the query went)
+        assert run_hook(cmds, "input", pkt("10.213.0.2", "udp", 40000, sport=53, iif="eth0")) == "accept"
+        assert run_hook(cmds, "input", pkt("10.213.0.2", "udp", 53, sport=40000, iif="eth0")) == "drop"
     assert [c["add"]["chain"]["policy"] for c in cmds if "chain" in c["add"] and "hook" in c["add"]["chain"]] == [
-        "accept", "accept", "drop", "drop"]  # the raw chains only take TCP out of conntrack
+        "drop", "drop"]
 
 
 TCP_FLAGS = ("syn", "ack", "fin", "rst", "psh", "urg", "ecn", "cwr")
@@ -529,19 +541,69 @@ def first_syn(flags: frozenset[str]) -> bool:
     return "syn" in flags and not flags & {"ack", "fin", "rst"}
 
 
-def test_tcp_is_untracked_in_the_sandbox_and_udp_and_icmp_are_not() -> None:
-    """conntrack in the sandbox's namespace cost each new connection; the host's follows TCP flows instead."""
-    for pr in (prof(), prof(["example.org", "{zone: internet, ports: [443], proto: tcp}"], ["lan"])):
+def test_the_sandbox_has_no_conntrack() -> None:
+    """conntrack in the sandbox's namespace cost each new connection a tenth of its rate; the kernel registers
+    its hooks in a namespace only for a rule that needs it (ct, nat, notrack), and the sandbox's table has none.
+    The host's conntrack follows every flow; the sandbox remembers UDP flows in sets (test_udp_flows_*)."""
+    for pr in (prof(), prof(["example.org", "{zone: internet, ports: [443], proto: tcp}"], ["lan"], ipv6=False),
+               prof(["any", "{zone: host, proto: icmp}", "'*.example.com'"], ["ads.example.org"], default="allow")):
         cmds = nc.sandbox_ruleset(pr, ENV, GATEWAYS)
-        raws = {c["add"]["chain"]["name"]: c["add"]["chain"] for c in cmds
-                if "chain" in c["add"] and c["add"]["chain"].get("prio", 0) < 0}
-        assert {n: (r["hook"], r["prio"]) for n, r in raws.items()} == {
-            "raw_output": ("output", -300), "raw_prerouting": ("prerouting", -300)}  # before conntrack, at -200
-        for chain in raws:
-            assert chain_rules(cmds, chain) == [[nc.TCP, {"notrack": None}]]
-            assert run_chain(cmds, chain, pkt("8.8.8.8", "tcp")) == "notrack"
-            for proto in ("udp", "icmp", 132):
-                assert run_chain(cmds, chain, pkt("8.8.8.8", proto)) is None
+        for needle in ('"ct"', '"notrack"', '"dnat"', '"snat"', '"masquerade"', '"redirect"'):
+            assert not mentions(cmds, needle), needle
+        hooks = [c["add"]["chain"] for c in cmds if "chain" in c["add"] and "hook" in c["add"]["chain"]]
+        assert [(h["name"], h["hook"], h["prio"]) for h in hooks] == [("output", "output", 0), ("input", "input", 0)]
+
+
+def test_udp_flows_are_remembered_from_the_packet_path() -> None:
+    """What a zone chain accepts goes through `opened`, which adds a UDP packet's flow; a known flow passes
+    both ways and its timeout restarts; the set has a size and a timeout, as conntrack's table had."""
+    pr = prof(["example.org", "{zone: internet, ports: [443], proto: udp}"])
+    cmds = nc.sandbox_ruleset(pr, ENV, GATEWAYS)
+    for v in (4, 6):
+        out_key = {"concat": [nc._daddr(v), nc._payload("udp", "dport"), nc._payload("udp", "sport")]}
+        in_key = {"concat": [nc._saddr(v), nc._payload("udp", "sport"), nc._payload("udp", "dport")]}
+        name = nc.FLOWS[v]
+        update = {"set": {"op": "update", "elem": out_key, "set": f"@{name}"}}
+        assert [update] in chain_rules(cmds, nc.OPENED)
+        known_out = [e for e in chain_rules(cmds, "output") if mentions(e, f"@{name}")]
+        assert known_out == [[{"match": {"op": "==", "left": out_key, "right": f"@{name}"}}, update,
+                              {"counter": "allowed"}, {"accept": None}]]
+        known_in = [e for e in chain_rules(cmds, "input") if mentions(e, f"@{name}")]
+        assert known_in == [[{"match": {"op": "==", "left": in_key, "right": f"@{name}"}},
+                             {"set": {"op": "update", "elem": in_key, "set": f"@{name}"}}, {"accept": None}]]
+        (spec,) = [c["add"]["set"] for c in cmds if c["add"].get("set", {}).get("name") == name]
+        assert spec["timeout"] == nc.FLOW_TIMEOUT and spec["size"] == nc.FLOW_MAX and "timeout" in spec["flags"]
+    # every accepting rule of a zone chain goes through `opened`, and nothing else reaches it
+    for chain in ZONE_CHAINS:
+        for e in chain_rules(cmds, chain):
+            assert "accept" not in e[-1], (chain, e)
+    gotos = [(c["add"]["rule"]["chain"], e) for c in cmds if "rule" in c["add"]
+             for e in c["add"]["rule"]["expr"] if e.get("goto") == {"target": nc.OPENED}]
+    assert gotos and {chain for chain, _e in gotos} <= set(ZONE_CHAINS)
+    assert out(cmds, pkt("8.8.8.8", "udp", 443)) == "accept"
+    assert out(cmds, pkt("8.8.8.8", "udp", 444)) == "deny"
+    assert out(cmds, pkt("8.8.8.8", "udp", 444, state="established")) == "accept"  # known: a grant may be gone
+    assert run_hook(cmds, "input", pkt("10.213.0.2", "udp", 443, iif="eth0")) == "drop"
+
+
+def test_the_verdict_cache_holds_only_what_was_accepted() -> None:
+    """A TCP destination whose SYN the profile accepted skips classification for VERDICT_TTL seconds: only
+    `opened` adds to the cache, its entries are never refreshed, and it is looked up only for a first SYN (the
+    rest of a connection passed before it)."""
+    pr = prof(["example.org", "{zone: internet, ports: [443], proto: tcp}"], ["ads.example.org", "192.0.2.0/24"])
+    cmds = nc.sandbox_ruleset(pr, ENV, GATEWAYS)
+    output = chain_rules(cmds, "output")
+    for v in (4, 6):
+        name, key = nc.SEEN[v], {"concat": [nc._daddr(v), nc._payload("tcp", "dport")]}
+        writers = [(c["add"]["rule"]["chain"], e) for c in cmds if "rule" in c["add"]
+                   for e in c["add"]["rule"]["expr"] if "set" in e and e["set"]["set"] == f"@{name}"]
+        assert writers == [(nc.OPENED, {"set": {"op": "add", "elem": key, "set": f"@{name}"}})]
+        (i,) = [i for i, e in enumerate(output) if mentions(e, f"@{name}")]
+        assert output[i] == [{"match": {"op": "==", "left": key, "right": f"@{name}"}}, {"counter": "allowed"},
+                             {"accept": None}]
+        assert any(nc.NOT_FIRST_SYN in e for e in output[:i])
+        (spec,) = [c["add"]["set"] for c in cmds if c["add"].get("set", {}).get("name") == name]
+        assert spec["timeout"] == nc.VERDICT_TTL == 1 and spec["size"] == nc.FLOW_MAX
 
 
 def test_tcp_out_only_a_first_syn_is_classified() -> None:
@@ -553,11 +615,11 @@ def test_tcp_out_only_a_first_syn_is_classified() -> None:
             want_syn = out(cmds, pkt(dst, "tcp", 443))
             for flags in FLAG_SETS:
                 p = pkt(dst, "tcp", 443, flags=flags)
-                for state in ("new", "established", "invalid"):  # notrack: whatever conntrack would have said
+                for state in ("new", "established", "invalid"):  # no conntrack: its word changes nothing
                     assert out(cmds, replace(p, state=state)) == (want_syn if first_syn(flags) else "accept"), p
     cmds = nc.sandbox_ruleset(prof())
     assert out(cmds, pkt("8.8.8.8", "tcp", 443, flags="syn,ecn,cwr")) == "deny"  # ECN setup is a first SYN
-    assert out(cmds, pkt("8.8.8.8", "udp", 443, state="new")) == "deny"  # UDP: conntrack as before
+    assert out(cmds, pkt("8.8.8.8", "udp", 443, state="new")) == "deny"  # UDP: classified until its flow is known
     (rule,) = [r for r in chain_rules(cmds, "output") if nc.NOT_FIRST_SYN in r]
     assert rule == [nc.NOT_FIRST_SYN, {"counter": "allowed"}, {"accept": None}]  # `nsfw ps` counts it
 
@@ -571,13 +633,13 @@ def test_tcp_in_only_replies_and_icmp_errors() -> None:
             assert run_hook(cmds, "input", p) == ("drop" if opening else "accept"), flags
         for v4, v6, want in (("destination-unreachable", "destination-unreachable", "accept"),
                              ("time-exceeded", "time-exceeded", "accept"), (None, "packet-too-big", "accept"),
+                             ("echo-reply", "echo-reply", "accept"),
                              ("echo-request", "echo-request", "drop"), ("redirect", "nd-redirect", "drop")):
             for dst, name in (("10.213.0.2", v4), ("fd6e:7366:7700::2", v6)):
                 if name is None:
                     continue
                 p = pkt(dst, "icmp", 0, iif="eth0", icmp_type=ICMP_TYPES[4 if "." in dst else 6][name])
                 assert run_hook(cmds, "input", p) == want, name
-                assert run_hook(cmds, "input", replace(p, state="related")) == "accept", name
 
 
 ZONE_CHAINS = ("to_lan", "to_internet", "to_other", "to_host")
@@ -967,8 +1029,7 @@ def test_the_sandbox_table_has_no_nat_hook() -> None:
     for pr in (prof(["internet"]), prof(["example.org"], ["ads.example.org"], ipv6=False)):
         cmds = nc.sandbox_ruleset(pr, ENV, GATEWAYS)
         hooks = [c["add"]["chain"] for c in cmds if "chain" in c["add"] and "hook" in c["add"]["chain"]]
-        assert [(h["name"], h["type"]) for h in hooks] == [("raw_output", "filter"), ("raw_prerouting", "filter"),
-                                                           ("output", "filter"), ("input", "filter")]
+        assert [(h["name"], h["type"]) for h in hooks] == [("output", "filter"), ("input", "filter")]
         assert not any(mentions(c, "dnat") for c in cmds)
 
 
