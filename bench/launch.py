@@ -57,10 +57,30 @@ def contenders(warm: bool) -> dict[str, tuple[list[str], dict[str, str]]]:
     return out
 
 
-def quiet(pool: int, timeout: float = 3.0) -> None:
+def _cpu_ticks(pid: int) -> int:
+    """CPU time so far of `pid` and of its children (the daemon's spares), in clock ticks."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except OSError:
+        kids = []
+    for p in (pid, *kids):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def quiet(pool: int, daemon: int | None = None, timeout: float = 3.0) -> None:
     """Wait until nsfw does nothing in the background: no sandbox being removed by its keeper after `nsfw run`
-    returned, and the daemon's pool refilled. Every contender starts from a quiet machine, so none pays for
-    the work another one moved off its own path (and the report says that this work exists)."""
+    returned, the daemon's pool refilled, and the daemon and its spares idle (a pooled sandbox's record is
+    written before its kernel objects are built, so the record alone does not say the work is done). Every
+    contender starts from a quiet machine, so none pays for the work another one moved off its own path (and
+    the report says that this work exists)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -73,7 +93,13 @@ def quiet(pool: int, timeout: float = 3.0) -> None:
             time.sleep(0.01)
             continue
         if all(r.get("pooled") for r in records) and len(records) >= pool:
-            return
+            if daemon is None:
+                return
+            before = _cpu_ticks(daemon)
+            time.sleep(0.03)
+            if _cpu_ticks(daemon) == before:
+                return
+            continue
         time.sleep(0.01)
 
 
@@ -95,7 +121,7 @@ def inner(rounds: int) -> int:
             subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env)
         for _ in range(rounds):
             for name, (argv, env) in cmds.items():
-                quiet(pool)
+                quiet(pool, daemon.pid if daemon is not None else None)
                 start = time.perf_counter()
                 subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env)
                 times[name].append((time.perf_counter() - start) * 1000)

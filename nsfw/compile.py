@@ -488,6 +488,8 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
     """The table loaded inside the sandbox's namespace. `env` fills the zone maps at launch; without it (`nsfw
     rules`) they hold only what every machine shares, so the output is the same everywhere. `gateways`: where
     the sandbox's resolvers listen (none for `network: none`)."""
+    if profile.network == "none":
+        return loopback_ruleset()
     env = env or HostEnv()
     parts = _parts(profile)
     cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}, *_sets(profile, parts)]
@@ -532,6 +534,18 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
         _rule("input", _verdict("drop")),
     ]
     return _opened(_counted(cmds))
+
+
+def loopback_ruleset() -> list[Cmd]:
+    """A `network: none` sandbox's table: it has loopback only, so no rule of its profile can apply. The same for
+    every profile, so the warm daemon's pool loads it ahead of launches (sandbox.prebuild)."""
+    cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}},
+                       _chain("output", "filter", "output", 0, "drop"), _chain("input", "filter", "input", 0, "drop"),
+                       _rule("output", _match(_meta("oif"), "lo"), _verdict("accept")),
+                       _rule("output", _verdict("reject")),
+                       _rule("input", _match(_meta("iif"), "lo"), _verdict("accept")),
+                       _rule("input", _verdict("drop"))]
+    return _counted(cmds)
 
 
 def _opened(cmds: list[Cmd]) -> list[Cmd]:
@@ -628,12 +642,13 @@ def guard_ruleset(families: Sequence[str] = ("ipv4", "ipv6")) -> list[Cmd]:
     """Loaded when nsfw itself had to turn forwarding on for `families`: the host then forwards only for
     nsfw's links, as before, instead of becoming a router between its other interfaces."""
     iif, oif = _meta("iifname"), _meta("oifname")
+    # Loaded again with every `nat` sandbox, so it replaces its rules in place: deleting the table would
+    # unregister its hook, which waits for an RCU grace period, milliseconds under nsfw's state lock.
+    chain = {"family": FAMILY, "table": GUARD_TABLE, "name": "forward"}
     cmds: list[Cmd] = [
         {"add": {"table": {"family": FAMILY, "name": GUARD_TABLE}}},
-        {"delete": {"table": {"family": FAMILY, "name": GUARD_TABLE}}},
-        {"add": {"table": {"family": FAMILY, "name": GUARD_TABLE}}},
-        {"add": {"chain": {"family": FAMILY, "table": GUARD_TABLE, "name": "forward", "type": "filter",
-                           "hook": "forward", "prio": 0, "policy": "accept"}}},
+        {"add": {"chain": {**chain, "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}}},
+        {"flush": {"chain": chain}},
     ]
     for family in families:
         cmds.append(_rule("forward", _match(_meta("nfproto"), family), _match(iif, f"{PREFIX}*", "!="),

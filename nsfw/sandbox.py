@@ -148,6 +148,8 @@ def run(profile: Profile, argv: Sequence[str], user: launch.User, environ: Mappi
             stack.close()
     with _signals_held():
         _fault("exited")
+        if EXITED is not None:  # a warm launch: its client may return now, as the keeper already owns the sandbox
+            EXITED(code)
         if started.keeper is not None and not started.keeper.hand_over():
             # the keeper died: nobody else will remove the sandbox, so this run does
             reconcile.kill_processes(started.record)
@@ -214,6 +216,8 @@ def _setup(stack: ExitStack, profile: Profile, argv: Sequence[str], user: launch
         record, inst = claimed
         _release_on_failure(stack, record, inst)
         _fault("record")
+        if not nat:  # the pool loaded a `none` sandbox's table, the same for every profile, ahead (prebuild)
+            return _arm(stack, record, inst, env, profile, argv, user, environ, ruled=True)
     else:
         record, inst = _new_record(profile.network, ipv6, env.routes, profile=profile.name, profile_path=profile.path,
                                    profile_sha256=profile.sha256, command=list(argv), uid=user.uid, user=user.name)
@@ -265,8 +269,9 @@ def _build(stack: ExitStack, inst: Instance, nat: bool) -> None:
 
 
 def _arm(stack: ExitStack, record: state.Record, inst: Instance, env: HostEnv, profile: Profile,
-         argv: Sequence[str], user: launch.User, environ: Mapping[str, str]) -> Started:
-    """The profile's part of a launch, on built kernel objects: the rulesets, the keeper, then COMMAND."""
+         argv: Sequence[str], user: launch.User, environ: Mapping[str, str], ruled: bool = False) -> Started:
+    """The profile's part of a launch, on built kernel objects: the rulesets (unless `ruled`: in already), the
+    keeper, then COMMAND."""
     nat = profile.network == "nat"
     gateways = [str(a.ip) for a in (inst.gateway4, inst.gateway6) if a] if nat else []
     files = state.sandbox_dir(inst.id)
@@ -287,8 +292,9 @@ def _arm(stack: ExitStack, record: state.Record, inst: Instance, env: HostEnv, p
         stack.callback(nft.delete_table, inst.table)
         nft.apply(rules.host_ruleset(inst, profile), "host-side ruleset")
         _fault("host-rules")
-    with netns.entered(inst.netns):
-        nft.apply(rules.sandbox_ruleset(profile, env, gateways), "sandbox ruleset")
+    if not ruled:
+        with netns.entered(inst.netns):
+            nft.apply(rules.sandbox_ruleset(profile, env, gateways), "sandbox ruleset")
     _fault("sandbox-rules")
 
     if kept is None:
@@ -314,6 +320,7 @@ PREFORKED: launch.Preforked | None = None  # in a warm launcher: COMMAND's proce
 PREFORKED_KEEPER: Keeper | None = None  # and the keeper, waiting for its sandbox
 BLOCKERS_CHECKED: tuple[float, list[str]] | None = None  # the daemon's launch_blockers(), and when (monotonic)
 BLOCKERS_TTL = 5.0
+EXITED: Callable[[int], None] | None = None  # in a warm launcher: tells the client COMMAND's exit status
 
 
 def _launch_blockers() -> list[str]:
@@ -347,6 +354,9 @@ def prebuild(network: str, ipv6: bool) -> state.Record:
                                    command=[], uid=0, user="")
         stack.callback(reconcile.release, record)
         _build(stack, inst, network == "nat")
+        if network == "none":  # its table depends on no profile (compile.loopback_ruleset)
+            with netns.entered(inst.netns):
+                nft.apply(rules.loopback_ruleset(), "sandbox ruleset")
         stack.pop_all()
     return record
 

@@ -156,7 +156,8 @@ class Daemon:
         from . import sandbox
 
         checked = sandbox.BLOCKERS_CHECKED
-        if checked is None or time.monotonic() - checked[0] > sandbox.BLOCKERS_TTL - SPARE_LIFETIME:
+        # a margin, so that the answer a spare inherits is still fresh at the end of the spare's life
+        if checked is None or time.monotonic() - checked[0] > sandbox.BLOCKERS_TTL - SPARE_LIFETIME - 0.5:
             from .doctor import launch_blockers
 
             try:
@@ -227,6 +228,8 @@ def _spare(listener: socket.socket, quit_r: int, notify_w: int) -> NoReturn:
 
         sandbox.PREFORKED = launch.prefork()  # COMMAND's process and the keeper: forked now, not on the launch's path
         sandbox.prefork_keeper()
+        watcher = _Watcher()  # after the forks: they must not inherit its thread
+        _rehearse()
         deadline = time.monotonic() + SPARE_LIFETIME
         while True:
             ready, _w, _x = select.select([listener, quit_r], [], [], max(0.0, deadline - time.monotonic()))
@@ -245,7 +248,7 @@ def _spare(listener: socket.socket, quit_r: int, notify_w: int) -> NoReturn:
         if uid != 0:
             conn.close()
             os._exit(0)
-        _launch(conn)
+        _launch(conn, watcher)
     except BaseException:
         code = 1
     os._exit(code)
@@ -295,9 +298,56 @@ def serve(path: str = SOCKET) -> NoReturn:
         daemon.stop()
     raise SystemExit(0)
 
-def _launch(conn: socket.socket) -> NoReturn:
+def _rehearse() -> None:
+    """In a spare, before its launch: the launch's own Python paths once more. In a process forked from the
+    daemon the first write to a page (a reference count, a cache) copies it, a fault each: made now, while the
+    spare waits, they are not made on the launch's path (a few milliseconds of it)."""
+    from . import cli
+
+    _warm_up()
+    try:
+        with cli.cli.make_context("nsfw", ["run", "-p", "offline", "--", "true"]) as ctx:
+            command = cli.cli.get_command(ctx, "run")
+            if command is not None:
+                command.make_context("run", ["-p", "offline", "--", "true"], parent=ctx).close()
+    except Exception:  # a rehearsal only
+        pass
+
+
+class _Watcher:
+    """The thread that makes a launch die with its client, started in the spare ahead of the launch (a thread
+    costs a forked process most of a millisecond to start): it waits for the launch's connection."""
+
+    def __init__(self) -> None:
+        self.told = threading.Event()  # the client has COMMAND's status: its leaving kills nothing any more
+        self.conn: socket.socket | None = None
+        self.given = threading.Lock()
+        self.given.acquire()
+        threading.Thread(target=self._watch, name="nsfw-client", daemon=True).start()
+
+    def watch(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.given.release()
+
+    def _watch(self) -> None:
+        """The client is this launch's face: when it dies before it was told COMMAND's status, this supervisor
+        dies too (and its keeper acts)."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        self.given.acquire()
+        assert self.conn is not None
+        try:
+            while self.conn.recv(64):
+                pass
+        except OSError:
+            pass
+        if not self.told.is_set():
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _launch(conn: socket.socket, watcher: _Watcher) -> NoReturn:
     """In the forked child: become the `nsfw run` the client would have been."""
     code = 125
+    told = watcher.told
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the supervisor waits for its own children
         data, ancdata, _flags, _addr = conn.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(3 * 4))
@@ -319,30 +369,32 @@ def _launch(conn: socket.socket) -> NoReturn:
         from . import sandbox
 
         sandbox._T0 = time.monotonic()  # a warm launch starts now, not when the daemon did
-        threading.Thread(target=_die_with_client, args=(conn,), daemon=True).start()
+
+        def tell(status: int) -> None:
+            """COMMAND's status, as soon as it is known: the hand-over to the keeper then goes on alone, the
+            client no longer this launch's face (its leaving must not kill the launcher midway)."""
+            if not told.is_set():
+                told.set()
+                try:
+                    conn.send(b"exit %d" % status)
+                except OSError:
+                    pass
+
+        sandbox.EXITED = tell
+        watcher.watch(conn)
         code = _run_cli(argv)
     except BaseException:
         code = 125
     finally:
-        try:
-            conn.send(b"exit %d" % code)
-        except OSError:
-            pass
+        if not told.is_set():
+            try:
+                conn.send(b"exit %d" % code)
+            except OSError:
+                pass
         from . import sandbox
 
         sandbox._say_to_pool(b"done\n")
         os._exit(0)
-
-
-def _die_with_client(conn: socket.socket) -> None:
-    """The client is this launch's face: when it dies, this supervisor dies too (and its keeper acts)."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-    try:
-        while conn.recv(64):
-            pass
-    except OSError:
-        pass
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _run_cli(argv: list[str]) -> int:

@@ -74,7 +74,7 @@ def test_launch_time_rulesets_load(path: Path) -> None:
 @pytest.mark.parametrize("families", [("ipv4", "ipv6"), ("ipv4",), ("ipv6",), ()])
 def test_guard_ruleset_loads_and_reloads(families: tuple[str, ...]) -> None:
     cmds = nc.guard_ruleset(families) if families else nc.guard_ruleset()
-    text = nft.render(cmds + cmds)  # add-delete-add: loading twice replaces, never duplicates
+    text = nft.render(cmds + cmds)  # add, flush, add: loading twice replaces the rules, never duplicates
     assert text.count(f"table inet {nc.GUARD_TABLE} ") == 1
     assert text.count("drop") == len(families or ("ipv4", "ipv6"))
 

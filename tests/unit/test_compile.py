@@ -1037,8 +1037,10 @@ def test_guard_ruleset() -> None:
     cmds = nc.guard_ruleset()
     t = nc.GUARD_TABLE
     assert t.startswith("nsfw")
-    assert [list(c) for c in cmds[:3]] == [["add"], ["delete"], ["add"]]  # idempotent: replaces a leftover
-    assert all(c[k]["table"]["name"] == t for c, k in zip(cmds[:3], ("add", "delete", "add"), strict=True))
+    # idempotent, in place: the rules of a leftover go, its table and hook stay (no grace period to wait for)
+    assert [list(c.items())[0][0] for c in cmds[:3]] == ["add", "add", "flush"]
+    assert cmds[2] == {"flush": {"chain": {"family": "inet", "table": t, "name": "forward"}}}
+    assert not any("delete" in c for c in cmds)
     assert run_hook(cmds, "forward", pkt("8.8.8.8", iif="eth1", oif="eth0"), t) == "drop"
     assert run_hook(cmds, "forward", pkt("8.8.8.8", iif="nsfw0123abcd", oif="eth0"), t) == "accept"
     assert run_hook(cmds, "forward", pkt("10.213.0.22", iif="eth0", oif="nsfw0123abcd"), t) == "accept"
