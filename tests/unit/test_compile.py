@@ -391,6 +391,8 @@ def spec_zone(addr: int, version: int, env: HostEnv, gateways: Sequence[str]) ->
 def spec_verdict(pr: Profile, p: Pkt, env: HostEnv | None = None, gateways: Sequence[str] = ()) -> str:
     """The profile spec, read literally, for a new outgoing connection."""
     env = env or HostEnv()
+    if pr.network == "none":  # loopback only: nothing else to reach, whatever the rules say
+        return "accept" if p.oif == "lo" else "deny"
     resolver = any(ipaddress.ip_address(g).version == p.version for g in gateways)
     if resolver and p.proto in (6, 17) and p.dport == 53:  # any DNS: the host sends it to the sandbox's resolver
         return "accept"
