@@ -46,6 +46,10 @@ class _CapData(ctypes.Structure):
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# Looked up now: ctypes finds a function on its first use and keeps it on _libc, and a process forked from one
+# that already did (the warm daemon's launchers) then does not pay for it on a launch's path.
+for _name in ("prctl", "setns", "unshare", "mount", "capget", "capset"):
+    getattr(_libc, _name)
 
 
 def _check(result: int, what: str) -> int:

@@ -299,6 +299,7 @@ def _preforked(sock: socket.socket, report_fd: int, parent: int) -> NoReturn:
     import array
     import pickle
 
+    ahead = _ahead()  # while no launch waits for it
     try:
         message, ancdata, _flags, _addr = sock.recvmsg(1 << 22, socket.CMSG_SPACE(3 * 4))
     except OSError:
@@ -319,7 +320,7 @@ def _preforked(sock: socket.socket, report_fd: int, parent: int) -> NoReturn:
         os.umask(umask)
         netns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC) if netns else None
         in_child = factory[0](*factory[1]) if factory else None
-        plan = _Plan(argv, user, env, netns_fd, in_child, parent, report_fd, go=sock.fileno())
+        plan = _Plan(argv, user, env, netns_fd, in_child, parent, report_fd, go=sock.fileno(), ahead=ahead)
     except BaseException as exc:
         _report(report_fd, EXIT_SETUP, f"internal error while starting COMMAND: {_describe(exc)}")
         os._exit(EXIT_SETUP)
@@ -338,6 +339,7 @@ class _Plan:
     parent: int  # nsfw's pid, to notice that it died before the child could arrange to die with it
     report_fd: int
     go: int = -1  # a child forked ahead: prepared, it execs only once "go" arrives here (EOF: it leaves)
+    ahead: str | None = None  # a child forked ahead did _ahead() already: "" done, else what failed
 
 
 def _child(plan: _Plan) -> NoReturn:
@@ -359,13 +361,29 @@ class _ChildSetupError(Exception):
     """A setup step failed in the child; str() is the message for the user."""
 
 
+def _ahead() -> str:
+    """What a child forked ahead of its launch does while it waits: empty its capability bounding set, which
+    depends on neither the sandbox nor the user. The bounding set only limits what an exec may grant: the
+    capabilities this process uses until it drops them (setns, mount, setgroups) stay. "" when done, else
+    what failed (the launch reports it). (A private mount namespace made this early would not see the
+    namespaces bound under /run/netns later.)"""
+    try:
+        drop_bounding_set()
+    except BaseException as exc:
+        return f"could not empty COMMAND's capability bounding set: {_describe(exc)}"
+    return ""
+
+
 def _prepare(plan: _Plan) -> None:
+    if plan.ahead:
+        raise _ChildSetupError(plan.ahead)
     steps: list[tuple[str, Callable[[], None]]] = [
         ("could not make COMMAND die with nsfw", lambda: _die_with_parent(plan.parent)),
         ("could not enter the sandbox's network namespace", lambda: _enter_netns(plan.netns_fd)),
         ("could not give COMMAND a private mount namespace", _private_mounts),
         ("preparing COMMAND's sandbox failed", plan.in_child or _nothing),
-        (f"could not drop root privileges to user {plan.user.name}", lambda: drop_privileges(plan.user)),
+        (f"could not drop root privileges to user {plan.user.name}",
+         lambda: drop_privileges(plan.user, bounding=plan.ahead is None)),
         # Changing the euid cleared the parent-death signal (kernel commit_creds), so set it again.
         ("could not make COMMAND die with nsfw", lambda: _die_with_parent(plan.parent)),
         ("could not close nsfw's files before starting COMMAND", lambda: _close_fds(keep={plan.report_fd, plan.go})),
@@ -476,7 +494,13 @@ def _read_all(fd: int) -> bytes:
 # --- dropping privileges ---------------------------------------------------------------------------------
 
 
-def drop_privileges(user: User) -> None:
+def drop_bounding_set() -> None:
+    """Empty the capability bounding set (PR_CAPBSET_DROP needs CAP_SETPCAP): no exec can grant a capability."""
+    for cap in range(caps.cap_last_cap() + 1):
+        caps.prctl(caps.PR_CAPBSET_DROP, cap)
+
+
+def drop_privileges(user: User, bounding: bool = True) -> None:
     """Become user for good, with no capabilities in any set and no way to gain any; verified before return.
 
     The order matters: groups and gids first (changing them needs CAP_SETGID), the bounding set next
@@ -486,8 +510,8 @@ def drop_privileges(user: User) -> None:
     """
     os.setgroups(list(user.groups))
     os.setresgid(user.gid, user.gid, user.gid)
-    for cap in range(caps.cap_last_cap() + 1):
-        caps.prctl(caps.PR_CAPBSET_DROP, cap)
+    if bounding:  # else emptied already (_ahead); privilege_problems below checks it either way
+        drop_bounding_set()
     caps.prctl(caps.PR_CAP_AMBIENT, caps.PR_CAP_AMBIENT_CLEAR_ALL)
     os.setresuid(user.uid, user.uid, user.uid)
     caps.capset_empty()
