@@ -34,11 +34,15 @@ READY_TIMEOUT = 5.0
 
 # ---------------------------------------------------------------------------------------------- what it sees
 
+# Compiled at import: re's own cache is filled per process, and a warm launch's process would compile them anew.
+_KEPT_LINE = re.compile(r"\s*(search|domain|options)\b")
+_HOSTS_LINE = re.compile(r"\s*hosts\s*:")
+
 
 def resolv_conf(host_text: str, nameserver: str | None) -> str:
     """The sandbox's resolv.conf: its own resolver, with the host's search domains and options.
     With no resolver (`none`), loopback refuses at once, so a lookup fails now rather than after a timeout."""
-    kept = [line for line in host_text.splitlines() if re.match(r"\s*(search|domain|options)\b", line)]
+    kept = [line for line in host_text.splitlines() if _KEPT_LINE.match(line)]
     head = "# written by nsfw: this sandbox's own resolver\n" if nameserver else \
         "# written by nsfw: this sandbox has no network, so no resolver\n"
     return head + f"nameserver {nameserver or '127.0.0.1'}\n" + "".join(line + "\n" for line in kept)
@@ -49,7 +53,7 @@ def nsswitch_conf(host_text: str) -> str:
     module that would ask a service on the host (resolve, mdns, wins, mymachines...)."""
     out, seen_hosts = [], False
     for line in host_text.splitlines():
-        if re.match(r"\s*hosts\s*:", line):
+        if _HOSTS_LINE.match(line):
             seen_hosts = True
             words = [w for w in line.split(":", 1)[1].split() if not w.startswith("[")]
             keep = [w for w in words if w in NSSWITCH_KEEP]
@@ -100,12 +104,22 @@ def bind_name_files(files_dir: str) -> Callable[[], None]:
 
 def write_files(files_dir: str, nameserver: str | None, user: launch.User) -> str:
     """The sandbox's resolv.conf, nsswitch.conf and query log (readable by the user the sandbox is for)."""
+    write_conf(files_dir, nameserver)
+    return create_log(files_dir, user)
+
+
+def write_conf(files_dir: str, nameserver: str | None) -> None:
+    """The sandbox's resolv.conf and nsswitch.conf, which depend on no profile nor user: the warm daemon's pool
+    writes a `none` sandbox's ahead (sandbox.prebuild)."""
     os.makedirs(files_dir, mode=0o755, exist_ok=True)
     os.chmod(files_dir, 0o755)
     for name, text in (("resolv.conf", resolv_conf(_read("/etc/resolv.conf"), nameserver)),
                        ("nsswitch.conf", nsswitch_conf(_read("/etc/nsswitch.conf")))):
         with open(os.path.join(files_dir, name), "w") as f:
             f.write(text)
+
+
+def create_log(files_dir: str, user: launch.User) -> str:
     log = os.path.join(files_dir, "dns.log")
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
     os.fchown(fd, 0, user.gid)

@@ -217,7 +217,7 @@ def _setup(stack: ExitStack, profile: Profile, argv: Sequence[str], user: launch
         _release_on_failure(stack, record, inst)
         _fault("record")
         if not nat:  # the pool loaded a `none` sandbox's table, the same for every profile, ahead (prebuild)
-            return _arm(stack, record, inst, env, profile, argv, user, environ, ruled=True)
+            return _arm(stack, record, inst, env, profile, argv, user, environ, ready=True)
     else:
         record, inst = _new_record(profile.network, ipv6, env.routes, profile=profile.name, profile_path=profile.path,
                                    profile_sha256=profile.sha256, command=list(argv), uid=user.uid, user=user.name)
@@ -269,30 +269,32 @@ def _build(stack: ExitStack, inst: Instance, nat: bool) -> None:
 
 
 def _arm(stack: ExitStack, record: state.Record, inst: Instance, env: HostEnv, profile: Profile,
-         argv: Sequence[str], user: launch.User, environ: Mapping[str, str], ruled: bool = False) -> Started:
-    """The profile's part of a launch, on built kernel objects: the rulesets (unless `ruled`: in already), the
-    keeper, then COMMAND."""
+         argv: Sequence[str], user: launch.User, environ: Mapping[str, str], ready: bool = False) -> Started:
+    """The profile's part of a launch, on built kernel objects: the rulesets and files (unless `ready`: a pooled
+    `none` sandbox has them already), the keeper, then COMMAND."""
     nat = profile.network == "nat"
     gateways = [str(a.ip) for a in (inst.gateway4, inst.gateway6) if a] if nat else []
     files = state.sandbox_dir(inst.id)
     stack.callback(state.drop_dir, inst.id)
-    log = dns.write_files(files, gateways[0] if gateways else None, user)
+    log = dns.create_log(files, user) if ready else dns.write_files(files, gateways[0] if gateways else None, user)
     # In a warm launch the keeper (forked ahead) starts the resolver, and COMMAND's process gets ready to exec,
     # while the rulesets go in: side by side (two cores are common); COMMAND execs only after all of it. A cold
     # launch forks its keeper after the rulesets instead: forked before, the pages the rulesets' work fills
     # would be the supervisor's alone rather than shared with the keeper (about 25 MiB more per sandbox).
     owned: Owned = (inst, profile, env.addresses, log) if nat else None
+    prepared = None if nat else _prepare_command(record, argv, user, environ)  # nothing else takes longer
     kept = _start_keeper(record, owned) if PREFORKED_KEEPER is not None else None
     if kept is not None:
         stack.callback(kept.kill)
-    prepared = _prepare_command(record, argv, user, environ)
+    if nat:  # after the keeper, whose resolver takes longer to start
+        prepared = _prepare_command(record, argv, user, environ)
     if prepared is not None:
         stack.callback(prepared.close)
     if nat:
         stack.callback(nft.delete_table, inst.table)
         nft.apply(rules.host_ruleset(inst, profile), "host-side ruleset")
         _fault("host-rules")
-    if not ruled:
+    if not ready:
         with netns.entered(inst.netns):
             nft.apply(rules.sandbox_ruleset(profile, env, gateways), "sandbox ruleset")
     _fault("sandbox-rules")
@@ -302,12 +304,15 @@ def _arm(stack: ExitStack, record: state.Record, inst: Instance, env: HostEnv, p
         stack.callback(kept.kill)
     _await_keeper(kept)
     record.keeper_pid, record.keeper_start = kept.pid, state.proc_start_time(kept.pid) or 0
+    if prepared is not None:  # its pid is COMMAND's once it execs: one save for both, before it does
+        record.command_pid = prepared.pid
     state.save(record)
     _fault("keeper")
 
     pid = _spawn(record, argv, user, environ, prepared)
-    record.command_pid = pid
-    state.save(record)
+    if record.command_pid != pid:
+        record.command_pid = pid
+        state.save(record)
     _fault("spawned")
     return Started(pid, record, kept)
 
@@ -354,9 +359,11 @@ def prebuild(network: str, ipv6: bool) -> state.Record:
                                    command=[], uid=0, user="")
         stack.callback(reconcile.release, record)
         _build(stack, inst, network == "nat")
-        if network == "none":  # its table depends on no profile (compile.loopback_ruleset)
+        if network == "none":  # its table and files depend on no profile (compile.loopback_ruleset)
             with netns.entered(inst.netns):
                 nft.apply(rules.loopback_ruleset(), "sandbox ruleset")
+            stack.callback(state.drop_dir, inst.id)
+            dns.write_conf(state.sandbox_dir(inst.id), None)
         stack.pop_all()
     return record
 
