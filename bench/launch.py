@@ -140,9 +140,15 @@ def measure(rounds: int = 30) -> tuple[list[Row], dict[str, Any]]:
     anchor = times.get(FIREJAIL, [])
     g = "1 launch"
     rows = []
+    # The goal is a launch's, as nsfw is installed (`make install` enables `nsfw daemon`); a cold launch, with
+    # nothing warm, must work and is reported, with no bound of its own.
     for label, bound in ((NAT, 1.0), (NONE, 0.5)):
-        rows += [Row(g, f"{name} /bin/true", "ms", times[name], FIREJAIL, anchor, ("<=", bound), note="whole process")
-                 for name in (f"{label}, warm", f"{label}, cold") if name in times]
+        if f"{label}, warm" in times:
+            rows.append(Row(g, f"{label}, warm /bin/true", "ms", times[f"{label}, warm"], FIREJAIL, anchor,
+                            ("<=", bound), note="whole process"))
+        if f"{label}, cold" in times:
+            rows.append(Row(g, f"{label}, cold /bin/true", "ms", times[f"{label}, cold"], FIREJAIL, anchor,
+                            note="whole process; no daemon"))
     rows += [Row(g, f"{name} /bin/true", "ms", t, FIREJAIL, anchor) for name, t in times.items()
              if name != FIREJAIL and not name.startswith("nsfw")]
     return rows, {"rounds": rounds, "times_ms": times}

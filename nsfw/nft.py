@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 from itertools import pairwise
 from typing import Any
 
@@ -211,10 +212,59 @@ def _kernel_render(cmds: list[dict[str, Any]]) -> str:
     return data
 
 
+# nf_tables' netlink messages, for named_counters (<linux/netfilter/nf_tables.h>, <linux/netlink.h>)
+_NETLINK_NETFILTER = 12
+_NFT_MSG_GETOBJ = (10 << 8) | 19  # NFNL_SUBSYS_NFTABLES, NFT_MSG_GETOBJ
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_NFTA_OBJ_TABLE, _NFTA_OBJ_NAME, _NFTA_OBJ_TYPE, _NFTA_OBJ_DATA = 1, 2, 3, 4
+_NFTA_COUNTER_BYTES, _NFTA_COUNTER_PACKETS = 1, 2
+_NFT_OBJECT_COUNTER = 1
+_FAMILIES = {"inet": 1, "ip": 2, "ip6": 10}
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
+
+
+def _attrs(data: bytes) -> dict[int, bytes]:
+    out, i = {}, 0
+    while i + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, i)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = data[i + 4:i + length]  # less NLA_F_NESTED and NLA_F_NET_BYTEORDER
+        i += (length + 3) & ~3
+    return out
+
+
 def named_counters(table: str, family: str = "inet") -> dict[str, dict[str, int]]:
-    """{name: {"packets": N, "bytes": N}} for the named counters of `table` in the current namespace."""
-    rc, out, _err = _ctx().cmd(f"list counters table {family} {table}")
-    if rc != 0 or not out:
+    """{name: {"packets": N, "bytes": N}} for the named counters of `table` in the current namespace.
+
+    One netlink dump of the table's counter objects. libnftables' `list counters` first fetches the whole
+    ruleset of the namespace (chains, rules, sets and their elements): 0.5-0.9 ms a sandbox, most of `nsfw ps`
+    with a hundred of them. Empty when the table or the namespace cannot be read."""
+    request = struct.pack("=BBH", _FAMILIES[family], 0, 0) + _attr(_NFTA_OBJ_TABLE, table.encode() + b"\0") + \
+        _attr(_NFTA_OBJ_TYPE, struct.pack(">I", _NFT_OBJECT_COUNTER))
+    out: dict[str, dict[str, int]] = {}
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_NETFILTER) as sock:
+            sock.send(struct.pack("=IHHII", 16 + len(request), _NFT_MSG_GETOBJ, _NLM_F_REQUEST | _NLM_F_DUMP, 1,
+                                  0) + request)
+            while True:
+                data, i = sock.recv(65536), 0
+                while i + 16 <= len(data):
+                    length, kind = struct.unpack_from("=IH", data, i)
+                    if kind in (_NLMSG_DONE, _NLMSG_ERROR) or length < 16:
+                        return out
+                    attrs = _attrs(data[i + 20:i + length])  # past the header and nfgenmsg
+                    body = _attrs(attrs.get(_NFTA_OBJ_DATA, b""))
+                    name = attrs.get(_NFTA_OBJ_NAME, b"").rstrip(b"\0").decode(errors="replace")
+                    if name and _NFTA_COUNTER_PACKETS in body and _NFTA_COUNTER_BYTES in body:
+                        out[name] = {"packets": int.from_bytes(body[_NFTA_COUNTER_PACKETS], "big"),
+                                     "bytes": int.from_bytes(body[_NFTA_COUNTER_BYTES], "big")}
+                    i += (length + 3) & ~3
+                if not data:
+                    return out
+    except OSError:
         return {}
-    return {item["counter"]["name"]: {"packets": item["counter"]["packets"], "bytes": item["counter"]["bytes"]}
-            for item in json.loads(out)["nftables"] if "counter" in item}

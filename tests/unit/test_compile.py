@@ -1040,7 +1040,7 @@ def test_guard_ruleset() -> None:
     t = nc.GUARD_TABLE
     assert t.startswith("nsfw")
     # idempotent, in place: the rules of a leftover go, its table and hook stay (no grace period to wait for)
-    assert [list(c.items())[0][0] for c in cmds[:3]] == ["add", "add", "flush"]
+    assert [next(iter(c)) for c in cmds[:3]] == ["add", "add", "flush"]
     assert cmds[2] == {"flush": {"chain": {"family": "inet", "table": t, "name": "forward"}}}
     assert not any("delete" in c for c in cmds)
     assert run_hook(cmds, "forward", pkt("8.8.8.8", iif="eth1", oif="eth0"), t) == "drop"
