@@ -97,8 +97,8 @@ TCP = _match(_meta("l4proto"), "tcp")
 _FLAGS = _payload("tcp", "flags")  # nft adds the `meta l4proto tcp` this depends on
 # A connection's first packet: SYN, and none of ACK, FIN, RST (ECN's ECE and CWR may ride along).
 NOT_FIRST_SYN = _match({"&": [_FLAGS, ["fin", "syn", "rst", "ack"]]}, "syn", "!=")
-# An opening SYN from outside: the sandbox takes no connections (SYN-ACK, a reply, does not match).
-OPENING_SYN = _match({"&": [_FLAGS, ["syn", "ack"]]}, "syn")
+# TCP but an opening SYN (SYN without ACK): the sandbox takes no connections from outside; a SYN-ACK is a reply.
+NOT_OPENING_TCP = _match({"&": [_FLAGS, ["syn", "ack"]]}, "syn", "!=")
 # What ICMP the sandbox takes in: echo replies, and errors about its flows (path MTU: "fragmentation needed" is a
 # destination-unreachable code). The host forwards them only when its conntrack found them part of, or related
 # to, a flow of the sandbox.
@@ -521,10 +521,10 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
              *(_rule(OPENED, {"set": {"op": "add", "elem": _dest(v), "set": f"@{SEEN[v]}"}}) for v in (4, 6)),
              _rule(OPENED, _verdict("accept"))]
     cmds += [
+        # TCP but an opening SYN, first: a reply to the sandbox's TCP, the host's table lets only those of flows
+        # its conntrack knows through; one rule for most of what comes in.
+        _rule("input", NOT_OPENING_TCP, _verdict("accept")),
         _rule("input", _match(_meta("iif"), "lo"), _verdict("accept")),
-        # Replies to the sandbox's TCP: the host's table lets only those of flows its conntrack knows through.
-        _rule("input", OPENING_SYN, _verdict("drop")),
-        _rule("input", TCP, _verdict("accept")),
         *(_rule("input", _match(_flow(v, "in"), f"@{FLOWS[v]}"), _refresh(v, "in"), _verdict("accept"))
           for v in (4, 6)),
         # The resolver's answers, which the host's conntrack returns from wherever the query was sent.
@@ -600,22 +600,26 @@ def host_ruleset(inst: Instance, profile: Profile) -> list[Cmd]:
             continue
         cmds.append(_rule("postrouting", _match(_saddr(v), str(addr.ip)), _match(oif, veth, "!="),
                           {"masquerade": None}, table=t))
-    cmds.append(_rule("forward", _match(iif, veth), _match(oif, f"{PREFIX}*"), _verdict("drop"), table=t))
+    # Forwarded packets go one way or the other at once: each of them meets two rules of this table, then only
+    # those of its direction (these chains see every packet of the sandbox's traffic).
+    cmds += [{"add": {"chain": {"family": FAMILY, "table": t, "name": c}}} for c in ("from_sandbox", "to_sandbox")]
+    cmds += [_rule("forward", _match(iif, veth), _verdict("goto", "from_sandbox"), table=t),
+             _rule("forward", _match(oif, veth), _verdict("goto", "to_sandbox"), table=t)]
+    cmds.append(_rule("from_sandbox", _match(oif, f"{PREFIX}*"), _verdict("drop"), table=t))
     for v, addr in own.items():
         nfproto = _match(_meta("nfproto"), "ipv4" if v == 4 else "ipv6")
         if addr is None:
-            cmds.append(_rule("forward", _match(iif, veth), nfproto, _verdict("drop"), table=t))
+            cmds.append(_rule("from_sandbox", nfproto, _verdict("drop"), table=t))
         else:  # a sandbox cannot send as anybody else
-            cmds.append(_rule("forward", _match(iif, veth), _match(_saddr(v), str(addr.ip), "!="),
-                              _verdict("drop"), table=t))
+            cmds.append(_rule("from_sandbox", _match(_saddr(v), str(addr.ip), "!="), _verdict("drop"), table=t))
     # The sandbox does not track TCP and passes every TCP packet but a first SYN unclassified (sandbox_ruleset):
     # what is not part of a flow this conntrack saw open with a SYN, the sandbox's table never classified.
     # With nf_conntrack_tcp_loose (the default) a mid-stream ACK would be taken as a new flow: not from here.
     unknown_tcp = [[TCP, INVALID], [NEW, NOT_FIRST_SYN]]
-    cmds += [_rule("forward", _match(iif, veth), *m, _verdict("drop"), table=t) for m in unknown_tcp]
+    cmds += [_rule("from_sandbox", *m, _verdict("drop"), table=t) for m in unknown_tcp]
     cmds += [
-        _rule("forward", _match(oif, veth), ESTABLISHED, _verdict("accept"), table=t),
-        _rule("forward", _match(oif, veth), _verdict("drop"), table=t),
+        _rule("to_sandbox", ESTABLISHED, _verdict("accept"), table=t),
+        _rule("to_sandbox", _verdict("drop"), table=t),
         _rule("input", _match(iif, veth), ESTABLISHED, _verdict("accept"), table=t),
         _rule("input", _match(iif, veth), ND, _verdict("accept"), table=t),
     ]

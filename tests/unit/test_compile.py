@@ -902,9 +902,16 @@ def test_host_table_names_and_hooks() -> None:
     cmds = host(prof(["internet"]))
     assert cmds[0] == {"add": {"table": {"family": "inet", "name": INST.table}}}
     chains = {c["add"]["chain"]["name"]: c["add"]["chain"] for c in cmds if "chain" in c["add"]}
-    assert {n: (c["type"], c["hook"], c["policy"]) for n, c in chains.items()} == {
+    assert {n: (c["type"], c["hook"], c["policy"]) for n, c in chains.items() if "hook" in c} == {
         "prerouting": ("nat", "prerouting", "accept"), "postrouting": ("nat", "postrouting", "accept"),
         "forward": ("filter", "forward", "accept"), "input": ("filter", "input", "accept")}
+    # forwarded packets meet two rules, then only their own direction's chain
+    assert {n for n, c in chains.items() if "hook" not in c} == {"from_sandbox", "to_sandbox"}
+    assert chain_rules(cmds, "forward", INST.table) == [
+        [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": INST.veth}},
+         {"goto": {"target": "from_sandbox"}}],
+        [{"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": INST.veth}},
+         {"goto": {"target": "to_sandbox"}}]]
     assert all(c["add"]["rule"]["table"] == INST.table for c in cmds if "rule" in c["add"])
 
 
@@ -925,8 +932,8 @@ def test_masquerade_only_for_the_sandboxs_own_source() -> None:
 
 def test_forward_toward_other_nsfw_interfaces_is_dropped() -> None:
     cmds, t = host(prof(["any"], default="allow")), INST.table
-    fwd = chain_rules(cmds, "forward", t)
-    assert verdict(fwd[0]) == "deny" and mentions(fwd[0], '"nsfw*"')
+    out = chain_rules(cmds, "from_sandbox", t)
+    assert verdict(out[0]) == "deny" and mentions(out[0], '"nsfw*"')
     for other in ("nsfwdeadbeef", "nsfw0123abce"):
         assert run_hook(cmds, "forward", pkt("10.213.0.26", saddr=OWN4, iif=INST.veth, oif=other), t) == "drop"
         assert run_hook(cmds, "forward", pkt("10.213.0.26", saddr=OWN4, iif=INST.veth, oif=other,
