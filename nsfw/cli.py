@@ -24,7 +24,25 @@ if TYPE_CHECKING:
 RUN_FAILED = 125  # nsfw failed before COMMAND started
 
 
-class NsfwGroup(click.Group):
+class _OneHelpOption(click.Command):
+    """click builds the --help option anew for every context, and its text through gettext, which looks for
+    translation files on disk each time: a few file lookups on every launch's path. It never changes."""
+
+    def get_help_option(self, ctx: click.Context) -> click.Option | None:
+        cache: dict[tuple[str, ...], click.Option | None] = self.__dict__.setdefault("_help_options", {})
+        key = tuple(ctx.help_option_names)
+        if key not in cache:
+            cache[key] = super().get_help_option(ctx)
+        return cache[key]
+
+
+class NsfwCommand(_OneHelpOption):
+    pass
+
+
+class NsfwGroup(_OneHelpOption, click.Group):
+    command_class = NsfwCommand
+
     def invoke(self, ctx: click.Context) -> Any:
         run = bool(ctx.protected_args) and ctx.protected_args[0] == "run"
         try:
