@@ -25,7 +25,7 @@ ORDER = ("launch", "datapath", "ruleset", "resolver", "scale")
 # rounds and sizes: (full, --quick)
 SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "launch": ({"rounds": 30}, {"rounds": 5}),
-    "datapath": ({"rounds": 5, "seconds": 3.0, "diagnose": True}, {"rounds": 2, "seconds": 2.0}),
+    "datapath": ({"rounds": 7, "seconds": 3.0, "diagnose": True}, {"rounds": 2, "seconds": 2.0}),
     "ruleset": ({"rounds": 5}, {"rounds": 2}),
     "resolver": ({"rounds": 5, "seconds": 3.0}, {"rounds": 2, "seconds": 2.0}),
     "scale": ({"sandboxes": 100, "stale": 1000, "rounds": 5}, {"sandboxes": 20, "stale": 200, "rounds": 2}),
