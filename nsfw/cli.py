@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 RUN_FAILED = 125  # nsfw failed before COMMAND started
 
 
-class _OneHelpOption(click.Command):
+class NsfwCommand(click.Command):
     """click builds the --help option anew for every context, and its text through gettext, which looks for
     translation files on disk each time: a few file lookups on every launch's path. It never changes."""
 
@@ -36,11 +36,7 @@ class _OneHelpOption(click.Command):
         return cache[key]
 
 
-class NsfwCommand(_OneHelpOption):
-    pass
-
-
-class NsfwGroup(_OneHelpOption, click.Group):
+class NsfwGroup(NsfwCommand, click.Group):
     command_class = NsfwCommand
 
     def invoke(self, ctx: click.Context) -> Any:

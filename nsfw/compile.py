@@ -141,18 +141,6 @@ def _dest(version: int) -> dict[str, Any]:
     return {"concat": [_daddr(version), _payload("tcp", "dport")]}
 
 
-def _seen_set(version: int) -> Cmd:
-    return {"add": {"set": {"family": FAMILY, "table": TABLE, "name": SEEN[version],
-                            "type": ["ipv4_addr" if version == 4 else "ipv6_addr", "inet_service"],
-                            "flags": ["timeout"], "timeout": VERDICT_TTL, "size": FLOW_MAX}}}
-
-
-def _flow_set(version: int) -> Cmd:
-    return {"add": {"set": {"family": FAMILY, "table": TABLE, "name": FLOWS[version],
-                            "type": ["ipv4_addr" if version == 4 else "ipv6_addr", "inet_service", "inet_service"],
-                            "flags": ["timeout"], "timeout": FLOW_TIMEOUT, "size": FLOW_MAX}}}
-
-
 def _verdict(v: str, target: str | None = None) -> dict[str, Any]:
     if v == "reject":  # an app learns at once that it is blocked, instead of waiting out a dropped SYN
         return {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}
@@ -302,9 +290,17 @@ def _concat_set(name: str, version: int, boxes: Sequence[Box]) -> Cmd:
     return {"add": {"set": spec}}
 
 
-def _timeout_set(name: str, version: int) -> Cmd:
-    return {"add": {"set": {"family": FAMILY, "table": TABLE, "name": name,
-                            "type": "ipv4_addr" if version == 4 else "ipv6_addr", "flags": ["timeout"]}}}
+def _timeout_set(name: str, version: int, *more: str, timeout: int | None = None, size: int | None = None) -> Cmd:
+    """A set whose elements expire: an address (then `more` key fields, a concatenation), with a default
+    `timeout` and a bound on its `size` for those the packet path fills."""
+    addr = "ipv4_addr" if version == 4 else "ipv6_addr"
+    spec: dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": name, "type": [addr, *more] if more else addr,
+                            "flags": ["timeout"]}
+    if timeout is not None:
+        spec["timeout"] = timeout
+    if size is not None:
+        spec["size"] = size
+    return {"add": {"set": spec}}
 
 
 def _addr_set(name: str, version: int, nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> Cmd:
@@ -493,7 +489,9 @@ def sandbox_ruleset(profile: Profile, env: HostEnv | None = None, gateways: Sequ
     env = env or HostEnv()
     parts = _parts(profile)
     cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}, *_sets(profile, parts)]
-    cmds += [_flow_set(v) for v in (4, 6)] + [_seen_set(v) for v in (4, 6)]
+    cmds += [_timeout_set(FLOWS[v], v, "inet_service", "inet_service", timeout=FLOW_TIMEOUT, size=FLOW_MAX)
+             for v in (4, 6)]
+    cmds += [_timeout_set(SEEN[v], v, "inet_service", timeout=VERDICT_TTL, size=FLOW_MAX) for v in (4, 6)]
     resolvers: dict[int, str] = {ipaddress.ip_address(g).version: g for g in gateways}
     cmds += [_chain("output", "filter", "output", 0, "drop"), _chain("input", "filter", "input", 0, "drop")]
     cmds += [_chain(chain) for chain in (*ZONE_CHAINS, OPENED)]
@@ -612,7 +610,7 @@ def host_ruleset(inst: Instance, profile: Profile) -> list[Cmd]:
             cmds.append(_rule("from_sandbox", nfproto, _verdict("drop"), table=t))
         else:  # a sandbox cannot send as anybody else
             cmds.append(_rule("from_sandbox", _match(_saddr(v), str(addr.ip), "!="), _verdict("drop"), table=t))
-    # The sandbox does not track TCP and passes every TCP packet but a first SYN unclassified (sandbox_ruleset):
+    # The sandbox has no conntrack and passes every TCP packet but a first SYN unclassified (sandbox_ruleset):
     # what is not part of a flow this conntrack saw open with a SYN, the sandbox's table never classified.
     # With nf_conntrack_tcp_loose (the default) a mid-stream ACK would be taken as a new flow: not from here.
     unknown_tcp = [[TCP, INVALID], [NEW, NOT_FIRST_SYN]]

@@ -80,21 +80,12 @@ def alive(record: Record) -> bool:
 
 def write_json(path: str, data: dict[str, Any]) -> None:
     """Atomically: readers see the old file or the new one, never half of one."""
-    text = json.dumps(data, indent=1, sort_keys=True).encode()
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-    try:  # os-level calls: a launch saves its record three times, and the io stack's layers cost each
-        fd = os.open(tmp, flags, 0o644)
-    except FileNotFoundError:
-        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        fd = os.open(tmp, flags, 0o644)
-    try:
-        view = memoryview(text)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

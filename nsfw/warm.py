@@ -64,7 +64,10 @@ def _warm_up() -> None:
     from .resolver import server  # noqa: F401
 
     try:
-        cli.cli.make_context("nsfw", ["run", "-p", "offline", "--", "true"])
+        with cli.cli.make_context("nsfw", ["run", "-p", "offline", "--", "true"]) as ctx:
+            run = cli.cli.get_command(ctx, "run")
+            if run is not None:
+                run.make_context("run", ["-p", "offline", "--", "true"], parent=ctx).close()
         session.check(["true"], {}, 0)
         launch.invoking_user({}, 0)
         for name in ("offline", "default"):
@@ -229,7 +232,10 @@ def _spare(listener: socket.socket, quit_r: int, notify_w: int) -> NoReturn:
         sandbox.PREFORKED = launch.prefork()  # COMMAND's process and the keeper: forked now, not on the launch's path
         sandbox.prefork_keeper()
         watcher = _Watcher()  # after the forks: they must not inherit its thread
-        _rehearse()
+        # The rehearsal once more, here: in a process forked from the daemon the first write to a page (a
+        # reference count, a cache) copies it, a fault each; made now, while the spare waits, they are not
+        # made on the launch's path (a few milliseconds of it).
+        _warm_up()
         deadline = time.monotonic() + SPARE_LIFETIME
         while True:
             ready, _w, _x = select.select([listener, quit_r], [], [], max(0.0, deadline - time.monotonic()))
@@ -297,22 +303,6 @@ def serve(path: str = SOCKET) -> NoReturn:
             pass
         daemon.stop()
     raise SystemExit(0)
-
-def _rehearse() -> None:
-    """In a spare, before its launch: the launch's own Python paths once more. In a process forked from the
-    daemon the first write to a page (a reference count, a cache) copies it, a fault each: made now, while the
-    spare waits, they are not made on the launch's path (a few milliseconds of it)."""
-    from . import cli
-
-    _warm_up()
-    try:
-        with cli.cli.make_context("nsfw", ["run", "-p", "offline", "--", "true"]) as ctx:
-            command = cli.cli.get_command(ctx, "run")
-            if command is not None:
-                command.make_context("run", ["-p", "offline", "--", "true"], parent=ctx).close()
-    except Exception:  # a rehearsal only
-        pass
-
 
 class _Watcher:
     """The thread that makes a launch die with its client, started in the spare ahead of the launch (a thread
